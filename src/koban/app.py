@@ -1,0 +1,326 @@
+"""Koban: the application object — configuration, the worker registry and the client API.
+
+>>> app = koban.Koban("postgresql://localhost/app", queues={"default": 10, "mailers": 2})
+>>> @app.worker(queue="mailers", max_attempts=5)
+... async def send_welcome(job: koban.Job) -> None: ...
+>>> send_welcome.enqueue({"user_id": 7})
+>>> async with app:          # runs a node until the block exits
+...     ...
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, TypeVar, overload
+
+from koban.clock import Clock
+from koban.engines.base import INSERT_CHANNEL, SIGNAL_CHANNEL, Engine, JobFilter, create_engine
+from koban.errors import ConfigurationError, UnknownWorkerError
+from koban.job import DEFAULT_MAX_ARGS_BYTES, Job, validate
+from koban.plugins.base import Plugin
+from koban.plugins.stager import Stager
+from koban.runtime.node import Node
+from koban.telemetry import Telemetry
+from koban.unique import unique_key
+from koban.worker import FunctionWorker, RegisteredWorker, Worker, register
+
+log = logging.getLogger("koban")
+
+T = TypeVar("T")
+WorkerRef = str | FunctionWorker | type[Worker]
+
+
+def parse_queues(spec: str | Mapping[str, int] | None) -> dict[str, int]:
+    """Queues as {name: slots}, from a mapping or a "default=10,mailers=2" string."""
+    if spec is None:
+        return {"default": 10}
+    if isinstance(spec, str):
+        out: dict[str, int] = {}
+        for part in filter(None, (p.strip() for p in spec.split(","))):
+            name, sep, limit = part.partition("=")
+            if not sep or not name.strip():
+                raise ConfigurationError(
+                    f"queue setting {part!r} must look like NAME=SLOTS, for example default=10"
+                )
+            try:
+                out[name.strip()] = int(limit)
+            except ValueError:
+                raise ConfigurationError(
+                    f"queue {name.strip()!r}: slots must be a whole number, got {limit!r}"
+                ) from None
+        spec = out
+    queues = dict(spec)
+    for name, limit in queues.items():
+        if not isinstance(name, str) or not name:
+            raise ConfigurationError(f"queue names must be non-empty strings, got {name!r}")
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            raise ConfigurationError(
+                f"queue {name!r}: slots must be a whole number of at least 1, got {limit!r}"
+            )
+    return queues
+
+
+class Koban:
+    """A koban application: where jobs are stored, which queues run, which workers exist.
+
+    `database` is a URL (`postgresql://...` or `sqlite:///path.db`); without one,
+    `KOBAN_DATABASE_URL` is used, and without that the SQLite file `./koban.db`.
+    """
+
+    def __init__(
+        self,
+        database: str | None = None,
+        *,
+        queues: Mapping[str, int] | str | None = None,
+        node: str | None = None,
+        plugins: Sequence[Plugin] | None = None,
+        clock: Clock | None = None,
+        shutdown_grace: float = 15.0,
+        max_args_bytes: int | None = DEFAULT_MAX_ARGS_BYTES,
+        engine: Engine | None = None,
+    ) -> None:
+        url = database or os.environ.get("KOBAN_DATABASE_URL")
+        self.engine = engine or create_engine(url)
+        self.queues = parse_queues(queues)
+        self.node_name = node
+        self.clock = clock or Clock()
+        self.shutdown_grace = shutdown_grace
+        self.max_args_bytes = max_args_bytes
+        self.telemetry = Telemetry()
+        self.workers: dict[str, RegisteredWorker] = {}
+        self.extra_plugins: list[Plugin] = list(plugins or [])
+        self.node: Node | None = None
+        self._opened = False
+
+    def __repr__(self) -> str:
+        return f"<Koban {self.engine!r} queues={self.queues}>"
+
+    # ----- workers --------------------------------------------------------------------------
+    @overload
+    def worker(self, target: T) -> T: ...
+    @overload
+    def worker(self, target: None = None, **options: Any) -> Callable[[T], T]: ...
+
+    def worker(self, target: Any = None, **options: Any) -> Any:
+        """Register a function or Worker subclass; usable bare or with options.
+
+        Options: queue, max_attempts, priority, tags, timeout, unique, executor, backoff.
+        """
+
+        def decorate(obj: Any) -> Any:
+            backoff = options.pop("backoff", None)
+            entry = register(obj, self, backoff=backoff, **options)
+            if entry.name in self.workers and self.workers[entry.name].target is not entry.target:
+                previous = self.workers[entry.name].target
+                if getattr(previous, "fn", previous) is not obj:
+                    raise ConfigurationError(
+                        f"worker {entry.name!r} is registered twice; give each worker a "
+                        "distinct module-level name"
+                    )
+            self.workers[entry.name] = entry
+            return entry.target
+
+        return decorate(target) if target is not None else decorate
+
+    def resolve_worker(self, ref: WorkerRef) -> RegisteredWorker:
+        """The registered worker for an object or its `module.qualname` name."""
+        name = ref if isinstance(ref, str) else getattr(ref, "name", None) or ""
+        entry = self.workers.get(name)
+        if entry is None:
+            known = ", ".join(sorted(self.workers)) or "none registered"
+            raise UnknownWorkerError(f"unknown worker {name or ref!r}; known workers: {known}")
+        return entry
+
+    # ----- enqueue --------------------------------------------------------------------------
+    def _prepare(self, jobs: Iterable[Job]) -> list[Job]:
+        prepared = []
+        now = self.clock.now()
+        for job in jobs:
+            if not isinstance(job, Job):
+                raise TypeError(
+                    f"enqueue_many takes jobs built with Worker.new(...), got {type(job).__name__}"
+                )
+            validate(job, max_args_bytes=self.max_args_bytes)
+            if job.unique is not None:
+                job.unique_key = unique_key(job, job.unique, now)
+            prepared.append(job)
+        return prepared
+
+    def _now(self):  # type: ignore[no-untyped-def]
+        return self.clock.now() if self.clock.frozen else None
+
+    def enqueue(self, job: Job, *, conn: Any = None) -> Job:
+        """Insert one job built with `Worker.new` (usually called as `worker.enqueue(args)`)."""
+        return self.engine.insert_sync(self._prepare([job]), conn=conn, now=self._now())[0]
+
+    async def aenqueue(self, job: Job, *, conn: Any = None) -> Job:
+        await self._ensure_open()
+        return (await self.engine.insert(self._prepare([job]), conn=conn, now=self._now()))[0]
+
+    def enqueue_many(self, jobs: Iterable[Job], *, conn: Any = None) -> list[Job]:
+        """Insert many jobs in one round trip; returns them as stored, in the given order."""
+        return self.engine.insert_sync(self._prepare(jobs), conn=conn, now=self._now())
+
+    async def aenqueue_many(self, jobs: Iterable[Job], *, conn: Any = None) -> list[Job]:
+        await self._ensure_open()
+        return await self.engine.insert(self._prepare(jobs), conn=conn, now=self._now())
+
+    # ----- queries and control --------------------------------------------------------------
+    def get_job(self, job_id: int) -> Job | None:
+        return self.engine.get_job_sync(job_id)
+
+    async def aget_job(self, job_id: int) -> Job | None:
+        await self._ensure_open()
+        return await self.engine.get_job(job_id)
+
+    def list_jobs(self, flt: JobFilter | None = None, **filters: Any) -> list[Job]:
+        return self.engine.list_jobs_sync(flt or JobFilter(**filters))
+
+    async def alist_jobs(self, flt: JobFilter | None = None, **filters: Any) -> list[Job]:
+        await self._ensure_open()
+        return await self.engine.list_jobs(flt or JobFilter(**filters))
+
+    def cancel_jobs(self, flt: JobFilter) -> list[Job]:
+        """Cancel matching unfinished jobs; running ones are stopped where they run."""
+        jobs = self.engine.cancel_jobs_sync(flt, now=self._now())
+        running = [j.id for j in jobs if j.attempted_by]
+        if running:
+            self.engine.notify_sync(SIGNAL_CHANNEL, {"action": "cancel", "job_ids": running})
+        return jobs
+
+    async def acancel_jobs(self, flt: JobFilter) -> list[Job]:
+        await self._ensure_open()
+        jobs = await self.engine.cancel_jobs(flt, now=self._now())
+        running = [j.id for j in jobs if j.attempted_by]
+        if running:
+            await self.engine.notify(SIGNAL_CHANNEL, {"action": "cancel", "job_ids": running})
+        return jobs
+
+    def cancel_job(self, job_id: int) -> Job | None:
+        jobs = self.cancel_jobs(JobFilter(ids=[job_id]))
+        return jobs[0] if jobs else None
+
+    async def acancel_job(self, job_id: int) -> Job | None:
+        jobs = await self.acancel_jobs(JobFilter(ids=[job_id]))
+        return jobs[0] if jobs else None
+
+    def retry_jobs(self, flt: JobFilter) -> list[Job]:
+        """Run matching finished or waiting jobs again now (one more attempt if exhausted)."""
+        jobs = self.engine.retry_jobs_sync(flt, now=self._now())
+        for queue in sorted({j.queue for j in jobs}):
+            self.engine.notify_sync(INSERT_CHANNEL, {"queue": queue})
+        return jobs
+
+    async def aretry_jobs(self, flt: JobFilter) -> list[Job]:
+        await self._ensure_open()
+        jobs = await self.engine.retry_jobs(flt, now=self._now())
+        for queue in sorted({j.queue for j in jobs}):
+            await self.engine.notify(INSERT_CHANNEL, {"queue": queue})
+        return jobs
+
+    def retry_job(self, job_id: int) -> Job | None:
+        jobs = self.retry_jobs(JobFilter(ids=[job_id]))
+        return jobs[0] if jobs else None
+
+    async def aretry_job(self, job_id: int) -> Job | None:
+        jobs = await self.aretry_jobs(JobFilter(ids=[job_id]))
+        return jobs[0] if jobs else None
+
+    def delete_jobs(self, flt: JobFilter) -> list[int]:
+        """Delete matching jobs that are not executing; returns their ids."""
+        return self.engine.delete_jobs_sync(flt)
+
+    async def adelete_jobs(self, flt: JobFilter) -> list[int]:
+        await self._ensure_open()
+        return await self.engine.delete_jobs(flt)
+
+    def delete_job(self, job_id: int) -> bool:
+        return bool(self.delete_jobs(JobFilter(ids=[job_id])))
+
+    async def adelete_job(self, job_id: int) -> bool:
+        return bool(await self.adelete_jobs(JobFilter(ids=[job_id])))
+
+    # ----- running --------------------------------------------------------------------------
+    async def _ensure_open(self) -> None:
+        if not self._opened:
+            await self.engine.open()
+            self._opened = True
+
+    async def open(self) -> None:
+        """Connect for async client use (implied by `async with app` and `start`)."""
+        await self._ensure_open()
+
+    async def close(self) -> None:
+        if self.node is not None:
+            await self.stop()
+        if self._opened:
+            await self.engine.close()
+            self._opened = False
+        self.engine.close_sync()
+
+    def plugins(self) -> list[Plugin]:
+        """The plugins a node of this app runs."""
+        return [Stager(), *self.extra_plugins]
+
+    async def start(self, *, queues: Mapping[str, int] | None = None, node: str | None = None) -> Node:
+        """Start a node in the running event loop; returns once it is fetching."""
+        if self.node is not None:
+            return self.node
+        await self._ensure_open()
+        self.node = Node(
+            engine=self.engine,
+            workers=self.workers,
+            queues=queues if queues is not None else self.queues,
+            telemetry=self.telemetry,
+            clock=self.clock,
+            plugins=self.plugins(),
+            name=node or self.node_name,
+            shutdown_grace=self.shutdown_grace,
+        )
+        await self.node.start()
+        return self.node
+
+    async def stop(self, grace: float | None = None) -> None:
+        node, self.node = self.node, None
+        if node is not None:
+            await node.stop(grace)
+
+    async def __aenter__(self) -> Koban:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def serve(self, *, queues: Mapping[str, int] | None = None, node: str | None = None) -> None:
+        """Run a node until SIGTERM or SIGINT, then stop gracefully."""
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        installed = []
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                loop.add_signal_handler(sig, stop.set)
+                installed.append(sig)
+            except (NotImplementedError, RuntimeError, ValueError):
+                pass
+        try:
+            await self.start(queues=queues, node=node)
+            await stop.wait()
+            log.info("shutting down: no new jobs; waiting up to %.1f s for running ones", self.shutdown_grace)
+        finally:
+            for sig in installed:
+                loop.remove_signal_handler(sig)
+            await self.close()
+
+    def run(self, **kwargs: Any) -> None:
+        """Run a node in this thread until SIGTERM or SIGINT (blocking)."""
+        asyncio.run(self.serve(**kwargs))
+
+    # ----- schema ---------------------------------------------------------------------------
+    def migrate(self) -> list[int]:
+        """Create or upgrade koban's tables; returns the versions applied."""
+        return self.engine.migrate()

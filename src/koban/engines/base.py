@@ -1,0 +1,242 @@
+"""The engine contract: every database operation koban performs, one method each.
+
+Both engines (`postgres`, `sqlite`) implement it and pass one conformance suite
+(`tests/conformance/`); nothing above this layer knows which engine is underneath.
+
+Times are UTC. `now` parameters are None in production (the engine uses the database's clock or
+the wall clock) and set by tests that inject a clock.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, ClassVar
+
+from koban.job import Job, JobState
+
+#: Called with (channel, payload) for every notification a node receives.
+NotificationHandler = Callable[[str, dict[str, Any]], None]
+
+#: Notification channels.
+INSERT_CHANNEL = "insert"  # payload: {"queue": name}
+SIGNAL_CHANNEL = "signal"  # payload: {"action": ..., "queue"/"job_id"/"node": ...}
+
+
+@dataclass(frozen=True, slots=True)
+class Ack:
+    """The recorded outcome of one attempt, applied only if the job is still executing it."""
+
+    job_id: int
+    attempt: int
+    state: JobState
+    #: For retryable/scheduled: seconds from now until the job may run again.
+    delay: float | None = None
+    #: An entry appended to the job's errors (failed attempts, cancel and discard reasons).
+    error: dict[str, Any] | None = None
+    #: True for a snooze: the attempt is given back.
+    snooze: bool = False
+    #: Merged into the job's meta (for example recorded output or a snooze count).
+    meta: dict[str, Any] | None = None
+
+
+@dataclass(slots=True)
+class JobFilter:
+    """Which jobs a query or a bulk action applies to. Empty fields match everything."""
+
+    ids: Sequence[int] | None = None
+    states: Sequence[JobState | str] | None = None
+    queues: Sequence[str] | None = None
+    workers: Sequence[str] | None = None
+    tags: Sequence[str] | None = None
+    #: Substring searched in the JSON text of args.
+    args_text: str | None = None
+    inserted_before: datetime | None = None
+    inserted_after: datetime | None = None
+    #: Keyset pagination: only jobs with id below this one (lists are newest first).
+    before_id: int | None = None
+    limit: int | None = None
+
+
+@dataclass(slots=True)
+class QueueState:
+    """A queue's runtime settings, shared by every node through the database."""
+
+    name: str
+    paused: bool = False
+    limit: int | None = None
+    counts: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class MigrationStatus:
+    current: int | None
+    latest: int
+
+    @property
+    def up_to_date(self) -> bool:
+        return self.current == self.latest
+
+
+class Engine(ABC):
+    """The storage contract. Construct with a URL; `open` before async use, `close` after."""
+
+    #: Short name shown to users: "postgres" or "sqlite".
+    kind: ClassVar[str]
+
+    url: str
+
+    # ----- schema ---------------------------------------------------------------------------
+    @abstractmethod
+    def migrate(self) -> list[int]:
+        """Bring the schema to the latest version; return the versions applied (none: no-op)."""
+
+    @abstractmethod
+    def migration_status(self) -> MigrationStatus:
+        """The schema version in the database and the latest this koban knows."""
+
+    @classmethod
+    @abstractmethod
+    def migration_sql(cls) -> str:
+        """Every migration as plain SQL, for projects that run their own migrations."""
+
+    # ----- lifecycle ------------------------------------------------------------------------
+    @abstractmethod
+    async def open(self) -> None:
+        """Connect for async use and check the schema is current (raises otherwise)."""
+
+    @abstractmethod
+    async def close(self) -> None:
+        """Release async connections. Safe to call twice."""
+
+    @abstractmethod
+    def close_sync(self) -> None:
+        """Release the connections used by sync calls. Safe to call twice."""
+
+    # ----- client: sync and async twins -----------------------------------------------------
+    @abstractmethod
+    def insert_sync(self, jobs: Sequence[Job], conn: Any = None, now: datetime | None = None) -> list[Job]:
+        """Insert validated jobs in one round trip and return them as stored, in input order.
+
+        With `conn` (the caller's own connection), insert inside the caller's transaction.
+        A unique conflict returns the existing job with `conflict=True`.
+        """
+
+    @abstractmethod
+    async def insert(self, jobs: Sequence[Job], conn: Any = None, now: datetime | None = None) -> list[Job]:
+        """Async twin of `insert_sync`."""
+
+    @abstractmethod
+    def get_job_sync(self, job_id: int) -> Job | None: ...
+
+    @abstractmethod
+    async def get_job(self, job_id: int) -> Job | None: ...
+
+    @abstractmethod
+    def list_jobs_sync(self, flt: JobFilter) -> list[Job]:
+        """Jobs matching `flt`, newest (highest id) first."""
+
+    @abstractmethod
+    async def list_jobs(self, flt: JobFilter) -> list[Job]: ...
+
+    @abstractmethod
+    def cancel_jobs_sync(self, flt: JobFilter, now: datetime | None = None) -> list[Job]:
+        """Cancel unfinished jobs matching `flt`; executing ones are marked and signalled."""
+
+    @abstractmethod
+    async def cancel_jobs(self, flt: JobFilter, now: datetime | None = None) -> list[Job]: ...
+
+    @abstractmethod
+    def retry_jobs_sync(self, flt: JobFilter, now: datetime | None = None) -> list[Job]:
+        """Make non-executing jobs available now, granting one more attempt if exhausted."""
+
+    @abstractmethod
+    async def retry_jobs(self, flt: JobFilter, now: datetime | None = None) -> list[Job]: ...
+
+    @abstractmethod
+    def delete_jobs_sync(self, flt: JobFilter) -> list[int]:
+        """Delete non-executing jobs matching `flt`; return their ids."""
+
+    @abstractmethod
+    async def delete_jobs(self, flt: JobFilter) -> list[int]: ...
+
+    @abstractmethod
+    async def count_by_queue_and_state(self) -> dict[str, dict[str, int]]:
+        """{queue: {state: count}} for every job in the table."""
+
+    # ----- runtime --------------------------------------------------------------------------
+    @abstractmethod
+    async def fetch(
+        self, queue: str, limit: int, node: str, producer: str, now: datetime | None = None
+    ) -> list[Job]:
+        """Claim up to `limit` available jobs of `queue` for one attempt.
+
+        Order: priority, scheduled_at, id. Never hands one job to two callers, even across
+        processes; never claims a job whose attempts are used up.
+        """
+
+    @abstractmethod
+    async def ack(self, acks: Sequence[Ack], now: datetime | None = None) -> int:
+        """Record outcomes in one statement; return how many jobs were still executing them."""
+
+    @abstractmethod
+    async def stage(self, limit: int, now: datetime | None = None) -> list[str]:
+        """Make due scheduled and retryable jobs available; return the queues that gained jobs."""
+
+    # ----- notifications --------------------------------------------------------------------
+    @abstractmethod
+    async def notify(self, channel: str, payload: dict[str, Any]) -> None:
+        """Deliver `payload` to every node listening on `channel`."""
+
+    @abstractmethod
+    def notify_sync(self, channel: str, payload: dict[str, Any]) -> None:
+        """Sync twin of `notify`."""
+
+    @abstractmethod
+    async def listen(self, handler: NotificationHandler, on_state: Callable[[bool], Awaitable[None] | None] | None = None) -> None:
+        """Deliver notifications to `handler` until cancelled, reconnecting on failure.
+
+        `on_state(True/False)` is called when delivery starts working or stops working, so
+        producers can fall back to polling while it is down.
+        """
+
+    #: Seconds between polls when notifications cannot be relied on.
+    poll_interval: float = 1.0
+
+
+def create_engine(url: str | None) -> Engine:
+    """The engine for a database URL: `postgresql://...` or `sqlite:///path` (None: SQLite)."""
+    from koban.errors import ConfigurationError
+
+    if url is None:
+        url = "sqlite:///koban.db"
+    if not isinstance(url, str) or "://" not in url:
+        raise ConfigurationError(
+            f"database URL {redact(str(url))!r} is not a URL; use postgresql://user@host/db "
+            "or sqlite:///path/to/file.db"
+        )
+    scheme = url.split("://", 1)[0].lower()
+    if scheme in ("postgresql", "postgres", "postgresql+psycopg"):
+        from koban.engines.postgres import PostgresEngine
+
+        return PostgresEngine(url)
+    if scheme == "sqlite":
+        from koban.engines.sqlite import SQLiteEngine
+
+        return SQLiteEngine(url)
+    raise ConfigurationError(
+        f"database URL scheme {scheme!r} is not supported; use postgresql:// or sqlite:///"
+    )
+
+
+def redact(url: str) -> str:
+    """The URL with any password replaced, safe for messages and logs."""
+    if "://" not in url or "@" not in url:
+        return url
+    scheme, rest = url.split("://", 1)
+    creds, host = rest.rsplit("@", 1)
+    if ":" in creds:
+        creds = creds.split(":", 1)[0] + ":***"
+    return f"{scheme}://{creds}@{host}"

@@ -1,0 +1,533 @@
+"""PostgreSQL engine: the contract in `koban.engines.base`, on psycopg 3 and psycopg_pool.
+
+Every operation is written once as a generator of statements (`_op_*`), run either on a sync
+connection (client calls from sync code) or an async one (nodes and async client calls).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Awaitable, Callable, Generator, Sequence
+from datetime import datetime
+from typing import Any
+
+import psycopg
+from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict
+from psycopg.rows import dict_row
+from psycopg_pool import AsyncConnectionPool, ConnectionPool
+
+from koban.engines._sql import load_migrations, load_queries
+from koban.engines.base import (
+    Ack,
+    Engine,
+    JobFilter,
+    MigrationStatus,
+    NotificationHandler,
+    redact,
+)
+from koban.errors import (
+    ConfigurationError,
+    DatabaseUnavailableError,
+    SchemaNotMigratedError,
+    SchemaTooNewError,
+)
+from koban.job import FINISHED_STATES, Job, JobState
+
+log = logging.getLogger("koban.engine")
+
+QUERIES = load_queries("koban.engines.postgres.sql")
+MIGRATIONS = load_migrations("koban.engines.postgres.migrations")
+LATEST_VERSION = MIGRATIONS[-1][0]
+CHANNEL_PREFIX = "koban_"
+_MIGRATE_LOCK = 7_405_361_029  # pg_advisory_xact_lock key serialising concurrent migrators
+
+# A statement to run: (SQL, params). An op yields statements and receives their rows.
+Statement = tuple[str | sql.Composable, dict[str, Any]]
+Op = Generator[Statement, list[dict[str, Any]], Any]
+
+_JOB_COLUMNS = {
+    "id", "state", "queue", "worker", "args", "meta", "tags", "errors", "priority", "attempt",
+    "max_attempts", "attempted_by", "inserted_at", "scheduled_at", "attempted_at",
+    "completed_at", "cancelled_at", "discarded_at", "unique_key",
+}  # fmt: skip
+
+
+def row_to_job(row: dict[str, Any]) -> Job:
+    fields = {k: v for k, v in row.items() if k in _JOB_COLUMNS}
+    fields["state"] = JobState(fields["state"])
+    return Job(**fields)
+
+
+def _jobs_json(jobs: Sequence[Job]) -> str:
+    return json.dumps(
+        [
+            {
+                "ord": i,
+                "queue": job.queue,
+                "worker": job.worker,
+                "args": job.args,
+                "meta": job.meta,
+                "tags": job.tags,
+                "priority": job.priority,
+                "max_attempts": job.max_attempts,
+                "scheduled_at": job.scheduled_at.isoformat() if job.scheduled_at else None,
+                "schedule_in": job.schedule_in,
+                "unique_key": job.unique_key,
+                "unique_states": job.unique.states_mask if job.unique_key else None,
+            }
+            for i, job in enumerate(jobs)
+        ],
+        separators=(",", ":"),
+        ensure_ascii=False,
+    )
+
+
+def _op_insert(jobs: Sequence[Job], now: datetime | None) -> Op:
+    rows = yield QUERIES["insert_jobs"], {"jobs": _jobs_json(jobs), "now": now}
+    inserted = iter(rows)  # in id order, which is input order
+    out: list[Job | None] = []
+    seen: set[str] = set()
+    pending = next(inserted, None)
+    for job in jobs:
+        key = job.unique_key
+        if pending is not None and (key is None or (key not in seen and pending["unique_key"] == key)):
+            out.append(row_to_job(pending))
+            pending = next(inserted, None)
+        else:
+            out.append(None)
+        if key is not None:
+            seen.add(key)
+    conflicts = [job.unique_key for job, got in zip(jobs, out, strict=True) if got is None]
+    if conflicts:
+        existing = yield QUERIES["jobs_by_unique_key"], {"keys": conflicts}
+        by_key = {row["unique_key"]: row_to_job(row) for row in existing}
+        by_key.update({j.unique_key: j for j in out if j is not None and j.unique_key})
+        for i, job in enumerate(jobs):
+            if out[i] is None:
+                found = by_key.get(job.unique_key)
+                if found is None:
+                    # The holder left the unique states between insert and lookup: the key
+                    # is free now, so report that nothing was inserted for this entry.
+                    found = Job(worker=job.worker, args=job.args, queue=job.queue,
+                                unique_key=job.unique_key)
+                dup = Job(**{f: getattr(found, f) for f in _JOB_COLUMNS})
+                dup.conflict = True
+                out[i] = dup
+    return out
+
+
+def _where(flt: JobFilter) -> tuple[sql.Composable, dict[str, Any]]:
+    """A WHERE clause for a filter, every value a bound parameter."""
+    parts: list[sql.Composable] = [sql.SQL("true")]
+    params: dict[str, Any] = {}
+    if flt.ids is not None:
+        parts.append(sql.SQL("id = ANY(%(ids)s::bigint[])"))
+        params["ids"] = list(flt.ids)
+    if flt.states:
+        parts.append(sql.SQL("state = ANY(%(states)s::text[])"))
+        params["states"] = [str(JobState(s)) for s in flt.states]
+    if flt.queues:
+        parts.append(sql.SQL("queue = ANY(%(queues)s::text[])"))
+        params["queues"] = list(flt.queues)
+    if flt.workers:
+        parts.append(sql.SQL("worker = ANY(%(workers)s::text[])"))
+        params["workers"] = list(flt.workers)
+    if flt.tags:
+        parts.append(sql.SQL("tags @> %(tags)s::text[]"))
+        params["tags"] = list(flt.tags)
+    if flt.args_text:
+        parts.append(sql.SQL("strpos(args::text, %(args_text)s) > 0"))
+        params["args_text"] = flt.args_text
+    if flt.inserted_before is not None:
+        parts.append(sql.SQL("inserted_at < %(inserted_before)s"))
+        params["inserted_before"] = flt.inserted_before
+    if flt.inserted_after is not None:
+        parts.append(sql.SQL("inserted_at > %(inserted_after)s"))
+        params["inserted_after"] = flt.inserted_after
+    if flt.before_id is not None:
+        parts.append(sql.SQL("id < %(before_id)s"))
+        params["before_id"] = flt.before_id
+    return sql.SQL(" AND ").join(parts), params
+
+
+def _limit(flt: JobFilter) -> sql.Composable:
+    return sql.SQL(" LIMIT {}").format(sql.Literal(int(flt.limit))) if flt.limit else sql.SQL("")
+
+
+def _op_list(flt: JobFilter) -> Op:
+    where, params = _where(flt)
+    query = sql.SQL("SELECT * FROM koban_jobs WHERE {} ORDER BY id DESC{}").format(where, _limit(flt))
+    rows = yield query, params
+    return [row_to_job(r) for r in rows]
+
+
+def _op_get(job_id: int) -> Op:
+    rows = yield "SELECT * FROM koban_jobs WHERE id = %(id)s", {"id": job_id}
+    return row_to_job(rows[0]) if rows else None
+
+
+_UNFINISHED = [str(s) for s in JobState if s not in FINISHED_STATES]
+
+
+def _op_cancel(flt: JobFilter, now: datetime | None) -> Op:
+    where, params = _where(flt)
+    query = sql.SQL(
+        "UPDATE koban_jobs SET state = 'cancelled', "
+        "cancelled_at = coalesce(%(now)s::timestamptz, now()) "
+        "WHERE id IN (SELECT id FROM koban_jobs WHERE {} AND state = ANY(%(unfinished)s) "
+        "ORDER BY id{} FOR UPDATE) RETURNING *"
+    ).format(where, _limit(flt))
+    rows = yield query, {**params, "now": now, "unfinished": _UNFINISHED}
+    return [row_to_job(r) for r in rows]
+
+
+def _op_retry(flt: JobFilter, now: datetime | None) -> Op:
+    where, params = _where(flt)
+    query = sql.SQL(
+        "UPDATE koban_jobs SET state = 'available', "
+        "scheduled_at = coalesce(%(now)s::timestamptz, now()), "
+        "max_attempts = greatest(max_attempts, attempt + 1), "
+        "completed_at = NULL, cancelled_at = NULL, discarded_at = NULL "
+        "WHERE id IN (SELECT id FROM koban_jobs WHERE {} "
+        "AND state NOT IN ('executing', 'available') ORDER BY id{} FOR UPDATE) RETURNING *"
+    ).format(where, _limit(flt))
+    rows = yield query, {**params, "now": now}
+    return [row_to_job(r) for r in rows]
+
+
+def _op_delete(flt: JobFilter) -> Op:
+    where, params = _where(flt)
+    query = sql.SQL(
+        "DELETE FROM koban_jobs WHERE id IN (SELECT id FROM koban_jobs WHERE {} "
+        "AND state <> 'executing' ORDER BY id{} FOR UPDATE) RETURNING id"
+    ).format(where, _limit(flt))
+    rows = yield query, params
+    return sorted(r["id"] for r in rows)
+
+
+def _run_sync(op: Op, conn: psycopg.Connection[Any]) -> Any:
+    try:
+        statement = next(op)
+        while True:
+            with conn.cursor(row_factory=dict_row) as cur:
+                cur.execute(statement[0], statement[1])
+                rows = cur.fetchall() if cur.description else []
+            statement = op.send(rows)
+    except StopIteration as done:
+        return done.value
+
+
+async def _run_async(op: Op, conn: psycopg.AsyncConnection[Any]) -> Any:
+    try:
+        statement = next(op)
+        while True:
+            async with conn.cursor(row_factory=dict_row) as cur:
+                await cur.execute(statement[0], statement[1])
+                rows = await cur.fetchall() if cur.description else []
+            statement = op.send(rows)
+    except StopIteration as done:
+        return done.value
+
+
+class PostgresEngine(Engine):
+    """Jobs in PostgreSQL 14+.
+
+    >>> engine = PostgresEngine("postgresql://app@localhost/app")
+    """
+
+    kind = "postgres"
+    poll_interval = 1.0
+
+    def __init__(self, url: str, *, pool_size: int = 10) -> None:
+        try:
+            conninfo_to_dict(url)
+        except psycopg.ProgrammingError as exc:
+            raise ConfigurationError(
+                f"database URL {redact(url)!r} is malformed: {exc}. "
+                "Expected postgresql://user[:password]@host[:port]/database"
+            ) from None
+        self.url = url
+        self._pool_size = pool_size
+        self._pool: AsyncConnectionPool | None = None
+        self._sync_pool: ConnectionPool | None = None
+
+    def __repr__(self) -> str:
+        return f"<PostgresEngine {redact(self.url)}>"
+
+    # ----- connections ----------------------------------------------------------------------
+    def _connect_sync(self) -> psycopg.Connection[Any]:
+        try:
+            return psycopg.connect(self.url, autocommit=False)
+        except psycopg.OperationalError as exc:
+            raise self._unavailable(exc) from None
+
+    def _unavailable(self, exc: Exception) -> DatabaseUnavailableError:
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return DatabaseUnavailableError(
+            f"cannot connect to PostgreSQL at {redact(self.url)}: {detail}. "
+            "Check the server is running and the URL's host, port, user and database."
+        )
+
+    async def open(self) -> None:
+        if self._pool is not None:
+            return
+        pool = AsyncConnectionPool(
+            self.url,
+            min_size=1,
+            max_size=self._pool_size,
+            kwargs={"autocommit": True},
+            open=False,
+            name="koban",
+            reconnect_timeout=0,
+        )
+        try:
+            await pool.open(wait=True, timeout=10)
+        except Exception as exc:
+            await pool.close()
+            raise self._unavailable(exc) from None
+        self._pool = pool
+        try:
+            async with pool.connection() as conn:
+                rows = await _run_async(self._op_version(), conn)
+            self._check_version(rows)
+        except BaseException:
+            self._pool = None
+            await pool.close()
+            raise
+
+    async def close(self) -> None:
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            await pool.close()
+
+    def close_sync(self) -> None:
+        pool, self._sync_pool = self._sync_pool, None
+        if pool is not None:
+            pool.close()
+
+    def _sync(self) -> ConnectionPool:
+        if self._sync_pool is None:
+            pool = ConnectionPool(
+                self.url,
+                min_size=1,
+                max_size=4,
+                kwargs={"autocommit": True},
+                open=False,
+                name="koban-sync",
+            )
+            try:
+                pool.open(wait=True, timeout=10)
+            except Exception as exc:
+                pool.close()
+                raise self._unavailable(exc) from None
+            with pool.connection() as conn:
+                self._check_version(_run_sync(self._op_version(), conn))
+            self._sync_pool = pool
+        return self._sync_pool
+
+    def _async_pool(self) -> AsyncConnectionPool:
+        if self._pool is None:
+            raise RuntimeError("the engine is not open; use `async with app:` or `await app.open()`")
+        return self._pool
+
+    async def _aexec(self, op: Op, conn: Any = None) -> Any:
+        if conn is not None:
+            return await _run_async(op, conn)
+        async with self._async_pool().connection() as c:
+            return await _run_async(op, c)
+
+    def _exec(self, op: Op, conn: Any = None) -> Any:
+        if conn is not None:
+            return _run_sync(op, conn)
+        with self._sync().connection() as c:
+            return _run_sync(op, c)
+
+    # ----- schema ---------------------------------------------------------------------------
+    @staticmethod
+    def _op_version() -> Op:
+        rows = yield (
+            "SELECT CASE WHEN to_regclass('koban_schema') IS NULL THEN NULL "
+            "ELSE (SELECT max(version) FROM koban_schema) END AS version",
+            {},
+        )
+        return rows
+
+    def _check_version(self, rows: list[dict[str, Any]]) -> None:
+        version = rows[0]["version"] if rows else None
+        if version is None or version < LATEST_VERSION:
+            raise SchemaNotMigratedError(
+                f"the database at {redact(self.url)} has koban schema version "
+                f"{version or 'none'}, this koban needs {LATEST_VERSION}; run "
+                f"`koban migrate --database {redact(self.url)}`"
+            )
+        if version > LATEST_VERSION:
+            raise SchemaTooNewError(
+                f"the database at {redact(self.url)} has koban schema version {version}, newer "
+                f"than this koban knows ({LATEST_VERSION}); upgrade koban on this machine"
+            )
+
+    def migration_status(self) -> MigrationStatus:
+        with self._connect_sync() as conn:
+            rows = _run_sync(self._op_version(), conn)
+        return MigrationStatus(current=rows[0]["version"], latest=LATEST_VERSION)
+
+    def migrate(self) -> list[int]:
+        applied: list[int] = []
+        with self._connect_sync() as conn, conn.transaction():
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATE_LOCK,))
+            conn.execute(
+                "CREATE TABLE IF NOT EXISTS koban_schema ("
+                "version integer PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
+            )
+            row = conn.execute("SELECT max(version) FROM koban_schema").fetchone()
+            current = row[0] if row else None
+            if current is not None and current > LATEST_VERSION:
+                raise SchemaTooNewError(
+                    f"the database at {redact(self.url)} has koban schema version {current}, "
+                    f"newer than this koban knows ({LATEST_VERSION}); upgrade koban"
+                )
+            for version, _name, text in MIGRATIONS:
+                if current is None or version > current:
+                    conn.execute(text.encode())
+                    conn.execute("INSERT INTO koban_schema (version) VALUES (%s)", (version,))
+                    applied.append(version)
+        return applied
+
+    @classmethod
+    def migration_sql(cls) -> str:
+        out = [
+            "CREATE TABLE IF NOT EXISTS koban_schema ("
+            "version integer PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now());"
+        ]
+        for version, name, text in MIGRATIONS:
+            out.append(f"-- {name}\n{text.strip()}\nINSERT INTO koban_schema (version) VALUES ({version});")
+        return "\n\n".join(out) + "\n"
+
+    # ----- client ---------------------------------------------------------------------------
+    def insert_sync(self, jobs: Sequence[Job], conn: Any = None, now: datetime | None = None) -> list[Job]:
+        return self._exec(_op_insert(jobs, now), conn) if jobs else []
+
+    async def insert(self, jobs: Sequence[Job], conn: Any = None, now: datetime | None = None) -> list[Job]:
+        return await self._aexec(_op_insert(jobs, now), conn) if jobs else []
+
+    def get_job_sync(self, job_id: int) -> Job | None:
+        return self._exec(_op_get(job_id))
+
+    async def get_job(self, job_id: int) -> Job | None:
+        return await self._aexec(_op_get(job_id))
+
+    def list_jobs_sync(self, flt: JobFilter) -> list[Job]:
+        return self._exec(_op_list(flt))
+
+    async def list_jobs(self, flt: JobFilter) -> list[Job]:
+        return await self._aexec(_op_list(flt))
+
+    def cancel_jobs_sync(self, flt: JobFilter, now: datetime | None = None) -> list[Job]:
+        return self._exec(_op_cancel(flt, now))
+
+    async def cancel_jobs(self, flt: JobFilter, now: datetime | None = None) -> list[Job]:
+        return await self._aexec(_op_cancel(flt, now))
+
+    def retry_jobs_sync(self, flt: JobFilter, now: datetime | None = None) -> list[Job]:
+        return self._exec(_op_retry(flt, now))
+
+    async def retry_jobs(self, flt: JobFilter, now: datetime | None = None) -> list[Job]:
+        return await self._aexec(_op_retry(flt, now))
+
+    def delete_jobs_sync(self, flt: JobFilter) -> list[int]:
+        return self._exec(_op_delete(flt))
+
+    async def delete_jobs(self, flt: JobFilter) -> list[int]:
+        return await self._aexec(_op_delete(flt))
+
+    async def count_by_queue_and_state(self) -> dict[str, dict[str, int]]:
+        rows = await self._rows(QUERIES["count_by_queue_and_state"], {})
+        out: dict[str, dict[str, int]] = {}
+        for row in rows:
+            out.setdefault(row["queue"], {})[row["state"]] = row["n"]
+        return out
+
+    # ----- runtime --------------------------------------------------------------------------
+    async def _rows(self, query: str, params: dict[str, Any]) -> list[dict[str, Any]]:
+        async with self._async_pool().connection() as conn, conn.cursor(row_factory=dict_row) as cur:
+            await cur.execute(query, params)
+            return await cur.fetchall() if cur.description else []
+
+    async def _execute(self, query: str, params: dict[str, Any]) -> int:
+        async with self._async_pool().connection() as conn, conn.cursor() as cur:
+            await cur.execute(query, params)
+            return cur.rowcount
+
+    async def fetch(
+        self, queue: str, limit: int, node: str, producer: str, now: datetime | None = None
+    ) -> list[Job]:
+        if limit <= 0:
+            return []
+        rows = await self._rows(
+            QUERIES["fetch_jobs"],
+            {"queue": queue, "limit": limit, "node": node, "producer": producer, "now": now},
+        )
+        jobs = [row_to_job(r) for r in rows]
+        jobs.sort(key=lambda j: (j.priority, j.scheduled_at, j.id))
+        return jobs
+
+    async def ack(self, acks: Sequence[Ack], now: datetime | None = None) -> int:
+        completed = [a for a in acks if a.state is JobState.COMPLETED and not a.meta]
+        others = [a for a in acks if not (a.state is JobState.COMPLETED and not a.meta)]
+        count = 0
+        if completed:
+            count += await self._execute(
+                QUERIES["complete_jobs"],
+                {
+                    "ids": [a.job_id for a in completed],
+                    "attempts": [a.attempt for a in completed],
+                    "now": now,
+                },
+            )
+        if others:
+            payload = json.dumps(
+                [
+                    {
+                        "id": a.job_id,
+                        "attempt": a.attempt,
+                        "state": str(a.state),
+                        "delay": a.delay,
+                        "error": a.error,
+                        "snooze": a.snooze,
+                        "meta": a.meta,
+                    }
+                    for a in others
+                ],
+                default=str,
+            )
+            count += await self._execute(QUERIES["ack_jobs"], {"acks": payload, "now": now})
+        return count
+
+    async def stage(self, limit: int, now: datetime | None = None) -> list[str]:
+        rows = await self._rows(QUERIES["stage_jobs"], {"limit": limit, "now": now})
+        return [r["queue"] for r in rows]
+
+    # ----- notifications --------------------------------------------------------------------
+    async def notify(self, channel: str, payload: dict[str, Any]) -> None:
+        await self._execute(
+            QUERIES["notify"], {"channel": CHANNEL_PREFIX + channel, "payload": json.dumps(payload)}
+        )
+
+    def notify_sync(self, channel: str, payload: dict[str, Any]) -> None:
+        with self._sync().connection() as conn:
+            conn.execute(
+                QUERIES["notify"],
+                {"channel": CHANNEL_PREFIX + channel, "payload": json.dumps(payload)},
+            )
+
+    async def listen(
+        self,
+        handler: NotificationHandler,
+        on_state: Callable[[bool], Awaitable[None] | None] | None = None,
+    ) -> None:
+        from koban.engines.postgres.notifier import listen
+
+        await listen(self.url, handler, on_state)

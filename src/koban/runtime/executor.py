@@ -1,0 +1,166 @@
+"""Executor: runs one attempt of one job and turns what happened into an `Ack`.
+
+Async workers run on the event loop; sync workers run in a thread pool so they never block
+it. Nothing here writes to the database: the Acker records the outcome.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import threading
+import time
+import traceback
+from collections.abc import Mapping
+from concurrent.futures import Executor as PoolExecutor
+from datetime import datetime
+from typing import Any
+
+from koban.clock import Clock
+from koban.engines.base import Ack
+from koban.errors import JobTimeoutError
+from koban.job import Cancel, Discard, Job, JobState, Snooze
+from koban.telemetry import Telemetry
+from koban.worker import RegisteredWorker
+
+
+class UnknownWorker(Exception):
+    """Raised inside an attempt whose job names a worker this node does not have."""
+
+
+def _error_entry(job: Job, exc: BaseException, at: datetime, tb: str | None) -> dict[str, Any]:
+    return {
+        "attempt": job.attempt,
+        "at": at.isoformat(),
+        "type": f"{type(exc).__module__}.{type(exc).__qualname__}".removeprefix("builtins."),
+        "message": str(exc),
+        "traceback": tb,
+    }
+
+
+class Executor:
+    """Runs jobs for one node."""
+
+    def __init__(
+        self,
+        workers: Mapping[str, RegisteredWorker],
+        telemetry: Telemetry,
+        clock: Clock,
+        threads: PoolExecutor,
+    ) -> None:
+        self.workers = workers
+        self.telemetry = telemetry
+        self.clock = clock
+        self.threads = threads
+
+    async def execute(self, job: Job) -> Ack:
+        """Run one attempt. Re-raises CancelledError unless the job itself was cancelled."""
+        started = time.perf_counter()
+        queue_wait = 0.0
+        if job.attempted_at is not None and job.scheduled_at is not None:
+            queue_wait = max(0.0, (job.attempted_at - job.scheduled_at).total_seconds())
+        self.telemetry.emit("job:start", job=job, queue=job.queue, queue_wait=queue_wait)
+        registered = self.workers.get(job.worker)
+        try:
+            if registered is None:
+                raise UnknownWorker(
+                    f"unknown worker {job.worker!r}: no worker of that name is registered on "
+                    "this node; deploy the code that defines it (the job will be retried)"
+                )
+            result = await self._perform(registered, job)
+        except asyncio.CancelledError:
+            if not job.cancelled:
+                raise
+            return self._finish(job, started, queue_wait, Cancel("cancelled while executing"))
+        except Exception as exc:
+            tb = None if isinstance(exc, JobTimeoutError) else "".join(traceback.format_exception(exc))
+            return self._fail(job, registered, exc, tb, started, queue_wait)
+        return self._finish(job, started, queue_wait, result)
+
+    async def _perform(self, registered: RegisteredWorker, job: Job) -> Any:
+        perform = registered.make_perform()
+        timeout = registered.options.timeout
+        if not registered.is_async and job._cancel_event is None:
+            job._cancel_event = threading.Event()
+        try:
+            async with asyncio.timeout(timeout) as deadline:
+                if registered.is_async:
+                    return await perform(job)
+                ctx = contextvars.copy_context()
+                future = asyncio.get_running_loop().run_in_executor(
+                    self.threads, ctx.run, perform, job
+                )
+                # shield: a timeout or cancel abandons the thread rather than waiting for it.
+                return await asyncio.shield(future)
+        except TimeoutError:
+            if deadline.expired():
+                if job._cancel_event is not None:
+                    job._cancel_event.set()  # let an abandoned thread stop at a safe point
+                raise JobTimeoutError(
+                    f"job {job.id} of worker {job.worker!r} ran past its timeout of {timeout} s"
+                    + ("" if registered.is_async else "; its thread was abandoned")
+                ) from None
+            raise
+
+    def _finish(self, job: Job, started: float, queue_wait: float, result: Any) -> Ack:
+        duration = time.perf_counter() - started
+        now = self.clock.now()
+        if isinstance(result, Snooze):
+            ack = Ack(job.id or 0, job.attempt, JobState.SCHEDULED, delay=max(0.0, float(result.seconds)), snooze=True)
+            outcome = "snoozed"
+        elif isinstance(result, Cancel):
+            ack = Ack(job.id or 0, job.attempt, JobState.CANCELLED, error=self._reason(job, "koban.Cancel", result.reason, now))
+            outcome = "cancelled"
+        elif isinstance(result, Discard):
+            ack = Ack(job.id or 0, job.attempt, JobState.DISCARDED, error=self._reason(job, "koban.Discard", result.reason, now))
+            outcome = "discarded"
+        else:
+            ack = Ack(job.id or 0, job.attempt, JobState.COMPLETED)
+            outcome = "completed"
+        self.telemetry.emit(
+            "job:stop", job=job, queue=job.queue, queue_wait=queue_wait, duration=duration, state=outcome
+        )
+        return ack
+
+    @staticmethod
+    def _reason(job: Job, kind: str, reason: str, now: datetime) -> dict[str, Any]:
+        return {"attempt": job.attempt, "at": now.isoformat(), "type": kind, "message": reason, "traceback": None}
+
+    def _fail(
+        self,
+        job: Job,
+        registered: RegisteredWorker | None,
+        exc: BaseException,
+        tb: str | None,
+        started: float,
+        queue_wait: float,
+    ) -> Ack:
+        duration = time.perf_counter() - started
+        error = _error_entry(job, exc, self.clock.now(), tb)
+        if job.attempt >= job.max_attempts:
+            ack = Ack(job.id or 0, job.attempt, JobState.DISCARDED, error=error)
+        else:
+            try:
+                delay = registered.backoff(job) if registered else _default_backoff(job)
+                delay = max(0.0, float(delay))
+            except Exception as backoff_exc:
+                error["backoff_error"] = f"{type(backoff_exc).__name__}: {backoff_exc}"
+                delay = _default_backoff(job)
+            ack = Ack(job.id or 0, job.attempt, JobState.RETRYABLE, delay=delay, error=error)
+        self.telemetry.emit(
+            "job:exception",
+            job=job,
+            queue=job.queue,
+            queue_wait=queue_wait,
+            duration=duration,
+            state=str(ack.state),
+            error=f"{error['type']}: {error['message']}",
+            traceback=tb,
+        )
+        return ack
+
+
+def _default_backoff(job: Job) -> float:
+    from koban.backoff import exponential
+
+    return exponential(job.attempt)

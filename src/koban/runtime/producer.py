@@ -1,0 +1,185 @@
+"""Producer: keeps one queue's slots busy on one node.
+
+It claims up to its free slots in one fetch, hands each job to the Executor, queues the outcome
+with the Acker, and fetches again when slots free up, when a notification says jobs arrived, or
+when its poll interval passes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import Callable
+
+from koban.clock import Clock
+from koban.engines.base import Engine
+from koban.job import Job
+from koban.runtime.acker import Acker
+from koban.runtime.executor import Executor
+
+log = logging.getLogger("koban.producer")
+
+
+class Producer:
+    def __init__(
+        self,
+        *,
+        queue: str,
+        limit: int,
+        node: str,
+        engine: Engine,
+        executor: Executor,
+        acker: Acker,
+        clock: Clock,
+        poll_interval: Callable[[], float],
+        paused: bool = False,
+    ) -> None:
+        self.queue = queue
+        self.limit = limit
+        self.node = node
+        self.id = f"{queue}.{uuid.uuid4().hex[:8]}"
+        self.engine = engine
+        self.executor = executor
+        self.acker = acker
+        self.clock = clock
+        self.poll_interval = poll_interval
+        self.paused = paused
+        self.running: dict[int, tuple[Job, asyncio.Task[None]]] = {}
+        self._wake = asyncio.Event()
+        self._fetching = True
+        self._maybe_more = True
+        self._all_done = asyncio.Event()
+        self._all_done.set()
+        self._failing = False
+
+    # ----- control --------------------------------------------------------------------------
+    def wake(self) -> None:
+        """Fetch soon: jobs may have arrived."""
+        self._maybe_more = True
+        self._wake.set()
+
+    def pause(self) -> None:
+        self.paused = True
+
+    def resume(self) -> None:
+        self.paused = False
+        self.wake()
+
+    def scale(self, limit: int) -> None:
+        self.limit = max(0, int(limit))
+        self.wake()
+
+    def cancel(self, job_id: int) -> bool:
+        """Stop a running job: async tasks are cancelled, sync jobs see `job.cancelled`."""
+        entry = self.running.get(job_id)
+        if entry is None:
+            return False
+        job, task = entry
+        if job._cancel_event is None:
+            import threading
+
+            job._cancel_event = threading.Event()
+        job._cancel_event.set()
+        task.cancel()
+        return True
+
+    def stop_fetching(self) -> None:
+        self._fetching = False
+        self._wake.set()
+
+    @property
+    def free(self) -> int:
+        return max(0, self.limit - len(self.running))
+
+    # ----- loop -----------------------------------------------------------------------------
+    async def run(self) -> None:
+        """Fetch and start jobs until `stop_fetching`; running jobs are left to finish."""
+        delay = 0.1
+        while self._fetching:
+            self._wake.clear()
+            asked = 0 if self.paused else self.free
+            if asked and self._maybe_more:
+                try:
+                    jobs = await self.engine.fetch(
+                        self.queue, asked, self.node, self.id, now=self._now()
+                    )
+                except Exception as exc:
+                    self._log_failure(exc)
+                    await self._sleep(delay)
+                    delay = min(delay * 2, 5.0)
+                    continue
+                if self._failing:
+                    log.info("queue %r on node %s is fetching again", self.queue, self.node)
+                    self._failing = False
+                delay = 0.1
+                for job in jobs:
+                    self._start(job)
+                self._maybe_more = len(jobs) == asked
+                if not self._fetching:
+                    break
+            await self._sleep(self.poll_interval())
+            if not self._wake.is_set():
+                self._maybe_more = True  # the poll interval passed: look again
+            else:
+                # Let a burst of finishing jobs free their slots before the next fetch.
+                await asyncio.sleep(0)
+
+    async def _sleep(self, seconds: float) -> None:
+        try:
+            await asyncio.wait_for(self._wake.wait(), seconds)
+        except TimeoutError:
+            pass
+
+    def _now(self):  # type: ignore[no-untyped-def]
+        return self.clock.now() if self.clock.frozen else None
+
+    def _log_failure(self, exc: Exception) -> None:
+        if not self._failing:
+            log.warning(
+                "queue %r on node %s cannot fetch jobs (%s: %s); retrying with backoff",
+                self.queue, self.node, type(exc).__name__,
+                str(exc).strip().splitlines()[0] if str(exc).strip() else "",
+            )
+            self._failing = True
+
+    def _start(self, job: Job) -> None:
+        assert job.id is not None
+        task = asyncio.create_task(self._execute(job), name=f"koban-job-{job.id}")
+        self.running[job.id] = (job, task)
+        self._all_done.clear()
+
+    async def _execute(self, job: Job) -> None:
+        try:
+            ack = await self.executor.execute(job)
+        except asyncio.CancelledError:
+            # Shutdown ran out of grace: leave the job executing, for rescue. Never ack it.
+            raise
+        except Exception:  # pragma: no cover - the executor turns errors into acks
+            log.exception("job %s: executor failed; leaving it for rescue", job.id)
+        else:
+            self.acker.add(ack)
+        finally:
+            self.running.pop(job.id or 0, None)
+            if not self.running:
+                self._all_done.set()
+            if self._maybe_more or self.free == 1:
+                # A slot opened: jobs left behind by the last full fetch can run now.
+                self._maybe_more = True
+                self._wake.set()
+
+    async def wait_idle(self, timeout: float) -> bool:
+        """Wait until no job is running; False if `timeout` passed first."""
+        try:
+            await asyncio.wait_for(self._all_done.wait(), timeout)
+            return True
+        except TimeoutError:
+            return False
+
+    async def abandon(self) -> list[int]:
+        """Cancel jobs still running after shutdown's grace; they stay executing for rescue."""
+        ids = list(self.running)
+        for _job, task in list(self.running.values()):
+            task.cancel()
+        await asyncio.gather(*(t for _j, t in list(self.running.values())), return_exceptions=True)
+        return ids
