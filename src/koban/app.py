@@ -15,6 +15,7 @@ import logging
 import os
 import signal
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from datetime import datetime
 from typing import Any, TypeVar, overload
 
 from koban.clock import Clock
@@ -41,16 +42,16 @@ def parse_queues(spec: str | Mapping[str, int] | None) -> dict[str, int]:
     if isinstance(spec, str):
         out: dict[str, int] = {}
         for part in filter(None, (p.strip() for p in spec.split(","))):
-            name, sep, limit = part.partition("=")
+            name, sep, slots = part.partition("=")
             if not sep or not name.strip():
                 raise ConfigurationError(
                     f"queue setting {part!r} must look like NAME=SLOTS, for example default=10"
                 )
             try:
-                out[name.strip()] = int(limit)
+                out[name.strip()] = int(slots)
             except ValueError:
                 raise ConfigurationError(
-                    f"queue {name.strip()!r}: slots must be a whole number, got {limit!r}"
+                    f"queue {name.strip()!r}: slots must be a whole number, got {slots!r}"
                 ) from None
         spec = out
     queues = dict(spec)
@@ -150,7 +151,7 @@ class Koban:
             prepared.append(job)
         return prepared
 
-    def _now(self):  # type: ignore[no-untyped-def]
+    def _now(self) -> datetime | None:
         return self.clock.now() if self.clock.frozen else None
 
     def enqueue(self, job: Job, *, conn: Any = None) -> Job:
@@ -266,7 +267,9 @@ class Koban:
         """The plugins a node of this app runs."""
         return [Stager(), *self.extra_plugins]
 
-    async def start(self, *, queues: Mapping[str, int] | None = None, node: str | None = None) -> Node:
+    async def start(
+        self, *, queues: Mapping[str, int] | None = None, node: str | None = None
+    ) -> Node:
         """Start a node in the running event loop; returns once it is fetching."""
         if self.node is not None:
             return self.node
@@ -296,7 +299,9 @@ class Koban:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
-    async def serve(self, *, queues: Mapping[str, int] | None = None, node: str | None = None) -> None:
+    async def serve(
+        self, *, queues: Mapping[str, int] | None = None, node: str | None = None
+    ) -> None:
         """Run a node until SIGTERM or SIGINT, then stop gracefully."""
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -310,7 +315,10 @@ class Koban:
         try:
             await self.start(queues=queues, node=node)
             await stop.wait()
-            log.info("shutting down: no new jobs; waiting up to %.1f s for running ones", self.shutdown_grace)
+            log.info(
+                "shutting down: no new jobs; waiting up to %.1f s for running ones",
+                self.shutdown_grace,
+            )
         finally:
             for sig in installed:
                 loop.remove_signal_handler(sig)

@@ -5,7 +5,9 @@ from __future__ import annotations
 import random
 
 
-def exponential(attempt: int, *, base: float = 15.0, jitter: float = 0.10, cap: float = 86400.0 * 7) -> float:
+def exponential(
+    attempt: int, *, base: float = 15.0, jitter: float = 0.10, cap: float = 86400.0 * 7
+) -> float:
     """Seconds to wait after failed `attempt`: base + 2**attempt, ±`jitter`, at most `cap`.
 
     >>> 10 <= exponential(1) <= 20

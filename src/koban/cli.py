@@ -21,7 +21,10 @@ from koban.errors import ConfigurationError, DatabaseError, KobanError
 EXIT_USAGE = 2
 EXIT_DATABASE = 3
 
-DATABASE_HELP = "Database URL: postgresql://... or sqlite:///path.db (env KOBAN_DATABASE_URL; default sqlite:///koban.db)."
+DATABASE_HELP = (
+    "Database URL: postgresql://... or sqlite:///path.db "
+    "(env KOBAN_DATABASE_URL; default sqlite:///koban.db)."
+)
 
 
 def fail(message: str, code: int = EXIT_USAGE) -> NoReturn:
@@ -40,7 +43,7 @@ def load_app(path: str) -> Koban:
         module = importlib.import_module(module_name)
     except ImportError as exc:
         fail(f"--app {path!r}: cannot import {module_name!r}: {exc}")
-    app = module
+    app: Any = module
     for part in attr.split("."):
         app = getattr(app, part, None)
         if app is None:
@@ -78,7 +81,9 @@ def main() -> None:
 @click.option("--database", "-d", help=DATABASE_HELP)
 @click.option("--app", "app_path", help="Take the database from this app (module:attribute).")
 @click.option("--status", is_flag=True, help="Print the schema version instead of migrating.")
-@click.option("--sql", "print_sql", is_flag=True, help="Print the migration SQL for your own migration tool.")
+@click.option(
+    "--sql", "print_sql", is_flag=True, help="Print the migration SQL for your own migration tool."
+)
 def migrate(database: str | None, app_path: str | None, status: bool, print_sql: bool) -> None:
     """Create or upgrade koban's tables (safe to run again)."""
     url = resolve_url(database, app_path)

@@ -4,7 +4,7 @@ States and their transitions are defined here once; everything else refers to th
 
     scheduled ──stager──▶ available ──fetch──▶ executing ──▶ completed
     retryable ──stager──▶     ▲                    ├──▶ retryable (raise, attempts left)
-                              │                    ├──▶ discarded (raise on the last attempt, Discard)
+                              │                    ├──▶ discarded (raise on last attempt, Discard)
                               │                    ├──▶ cancelled (Cancel)
                               └──── rescue ────────┴──▶ scheduled (Snooze)
 """
@@ -156,9 +156,7 @@ def validate(job: Job, *, max_args_bytes: int | None = DEFAULT_MAX_ARGS_BYTES) -
         raise JobValidationError(f"tags for worker {name!r} must be a list of strings")
     if job.schedule_in is not None:
         if isinstance(job.schedule_in, bool) or not isinstance(job.schedule_in, int | float):
-            raise JobValidationError(
-                f"schedule_in for worker {name!r} must be a number of seconds"
-            )
+            raise JobValidationError(f"schedule_in for worker {name!r} must be a number of seconds")
         if job.schedule_in != job.schedule_in or job.schedule_in in (float("inf"), float("-inf")):
             raise JobValidationError(f"schedule_in for worker {name!r} must be finite")
     if job.scheduled_at is not None and job.scheduled_at.tzinfo is None:

@@ -50,15 +50,19 @@ def check_options(name: str, options: WorkerOptions) -> None:
     """Raise ConfigurationError naming the worker if an option is out of range."""
     if not isinstance(options.queue, str) or not options.queue:
         raise ConfigurationError(f"worker {name!r}: queue must be a non-empty string")
-    if isinstance(options.max_attempts, bool) or not isinstance(options.max_attempts, int) or (
-        options.max_attempts < 1
+    if (
+        isinstance(options.max_attempts, bool)
+        or not isinstance(options.max_attempts, int)
+        or (options.max_attempts < 1)
     ):
         raise ConfigurationError(
             f"worker {name!r}: max_attempts must be an int of at least 1, "
             f"got {options.max_attempts!r}"
         )
-    if isinstance(options.priority, bool) or not isinstance(options.priority, int) or not (
-        0 <= options.priority <= 9
+    if (
+        isinstance(options.priority, bool)
+        or not isinstance(options.priority, int)
+        or not (0 <= options.priority <= 9)
     ):
         raise ConfigurationError(
             f"worker {name!r}: priority must be an int from 0 to 9, got {options.priority!r}"
@@ -89,7 +93,7 @@ def build_job(
     meta: dict[str, Any] | None = None,
     schedule_in: float | None = None,
     scheduled_at: datetime | None = None,
-    unique: Unique | None | bool = True,
+    unique: Unique | bool | None = True,
 ) -> Job:
     """An unsaved job for worker `name`, per-call options over the worker's defaults."""
     job = Job(
@@ -151,7 +155,9 @@ class Worker:
         return build_job(cls.name or worker_name(cls), cls.options(), args, **options)
 
     @classmethod
-    def enqueue(cls, args: dict[str, Any] | None = None, *, conn: Any = None, **options: Any) -> Job:
+    def enqueue(
+        cls, args: dict[str, Any] | None = None, *, conn: Any = None, **options: Any
+    ) -> Job:
         """Insert a job for this worker and return it as stored."""
         return _app_of(cls).enqueue(cls.new(args, **options), conn=conn)
 
@@ -197,7 +203,9 @@ class FunctionWorker:
         """An unsaved job for this worker; takes the same options as `enqueue`."""
         return build_job(self.name, self._options, args, **options)
 
-    def enqueue(self, args: dict[str, Any] | None = None, *, conn: Any = None, **options: Any) -> Job:
+    def enqueue(
+        self, args: dict[str, Any] | None = None, *, conn: Any = None, **options: Any
+    ) -> Job:
         """Insert a job for this worker and return it as stored."""
         return self.app.enqueue(self.new(args, **options), conn=conn)
 
@@ -260,7 +268,7 @@ def register(
         is_async = inspect.iscoroutinefunction(target.perform)
         entry_target: type[Worker] | FunctionWorker = target
     elif callable(target):
-        unknown = set(overrides) - set(WorkerOptions.__slots__)  # type: ignore[attr-defined]
+        unknown = set(overrides) - set(WorkerOptions.__slots__)
         if unknown:
             raise ConfigurationError(
                 f"worker {worker_name(target)!r}: unknown option(s) {', '.join(sorted(unknown))}"

@@ -117,7 +117,9 @@ class Engine(ABC):
 
     # ----- client: sync and async twins -----------------------------------------------------
     @abstractmethod
-    def insert_sync(self, jobs: Sequence[Job], conn: Any = None, now: datetime | None = None) -> list[Job]:
+    def insert_sync(
+        self, jobs: Sequence[Job], conn: Any = None, now: datetime | None = None
+    ) -> list[Job]:
         """Insert validated jobs in one round trip and return them as stored, in input order.
 
         With `conn` (the caller's own connection), insert inside the caller's transaction.
@@ -125,7 +127,9 @@ class Engine(ABC):
         """
 
     @abstractmethod
-    async def insert(self, jobs: Sequence[Job], conn: Any = None, now: datetime | None = None) -> list[Job]:
+    async def insert(
+        self, jobs: Sequence[Job], conn: Any = None, now: datetime | None = None
+    ) -> list[Job]:
         """Async twin of `insert_sync`."""
 
     @abstractmethod
@@ -195,7 +199,11 @@ class Engine(ABC):
         """Sync twin of `notify`."""
 
     @abstractmethod
-    async def listen(self, handler: NotificationHandler, on_state: Callable[[bool], Awaitable[None] | None] | None = None) -> None:
+    async def listen(
+        self,
+        handler: NotificationHandler,
+        on_state: Callable[[bool], Awaitable[None] | None] | None = None,
+    ) -> None:
         """Deliver notifications to `handler` until cancelled, reconnecting on failure.
 
         `on_state(True/False)` is called when delivery starts working or stops working, so

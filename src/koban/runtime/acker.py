@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from datetime import datetime
 
 from koban.clock import Clock
 from koban.engines.base import Ack, Engine
@@ -62,7 +63,9 @@ class Acker:
             if not self._failing:
                 log.warning(
                     "cannot record %d job outcome(s) (%s: %s); retrying until the database is back",
-                    len(batch), type(exc).__name__, str(exc).strip().splitlines()[0] if str(exc).strip() else "",
+                    len(batch),
+                    type(exc).__name__,
+                    str(exc).strip().splitlines()[0] if str(exc).strip() else "",
                 )
                 self._failing = True
             return False
@@ -75,7 +78,7 @@ class Acker:
             self._idle.set()
         return True
 
-    def _now(self):  # type: ignore[no-untyped-def]
+    def _now(self) -> datetime | None:
         return self.clock.now() if self.clock.frozen else None
 
     async def drain(self, timeout: float) -> bool:

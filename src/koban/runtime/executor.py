@@ -73,7 +73,11 @@ class Executor:
                 raise
             return self._finish(job, started, queue_wait, Cancel("cancelled while executing"))
         except Exception as exc:
-            tb = None if isinstance(exc, JobTimeoutError) else "".join(traceback.format_exception(exc))
+            tb = (
+                None
+                if isinstance(exc, JobTimeoutError)
+                else "".join(traceback.format_exception(exc))
+            )
             return self._fail(job, registered, exc, tb, started, queue_wait)
         return self._finish(job, started, queue_wait, result)
 
@@ -106,25 +110,52 @@ class Executor:
         duration = time.perf_counter() - started
         now = self.clock.now()
         if isinstance(result, Snooze):
-            ack = Ack(job.id or 0, job.attempt, JobState.SCHEDULED, delay=max(0.0, float(result.seconds)), snooze=True)
+            ack = Ack(
+                job.id or 0,
+                job.attempt,
+                JobState.SCHEDULED,
+                delay=max(0.0, float(result.seconds)),
+                snooze=True,
+            )
             outcome = "snoozed"
         elif isinstance(result, Cancel):
-            ack = Ack(job.id or 0, job.attempt, JobState.CANCELLED, error=self._reason(job, "koban.Cancel", result.reason, now))
+            ack = Ack(
+                job.id or 0,
+                job.attempt,
+                JobState.CANCELLED,
+                error=self._reason(job, "koban.Cancel", result.reason, now),
+            )
             outcome = "cancelled"
         elif isinstance(result, Discard):
-            ack = Ack(job.id or 0, job.attempt, JobState.DISCARDED, error=self._reason(job, "koban.Discard", result.reason, now))
+            ack = Ack(
+                job.id or 0,
+                job.attempt,
+                JobState.DISCARDED,
+                error=self._reason(job, "koban.Discard", result.reason, now),
+            )
             outcome = "discarded"
         else:
             ack = Ack(job.id or 0, job.attempt, JobState.COMPLETED)
             outcome = "completed"
         self.telemetry.emit(
-            "job:stop", job=job, queue=job.queue, queue_wait=queue_wait, duration=duration, state=outcome
+            "job:stop",
+            job=job,
+            queue=job.queue,
+            queue_wait=queue_wait,
+            duration=duration,
+            state=outcome,
         )
         return ack
 
     @staticmethod
     def _reason(job: Job, kind: str, reason: str, now: datetime) -> dict[str, Any]:
-        return {"attempt": job.attempt, "at": now.isoformat(), "type": kind, "message": reason, "traceback": None}
+        return {
+            "attempt": job.attempt,
+            "at": now.isoformat(),
+            "type": kind,
+            "message": reason,
+            "traceback": None,
+        }
 
     def _fail(
         self,

@@ -82,9 +82,16 @@ class Node:
         self._started = True
         loop = asyncio.get_running_loop()
         self._tasks.append(loop.create_task(self.acker.run(), name="koban-acker"))
-        self._tasks.append(loop.create_task(self.engine.listen(self._on_notification, self._on_listen_state), name="koban-listener"))
+        self._tasks.append(
+            loop.create_task(
+                self.engine.listen(self._on_notification, self._on_listen_state),
+                name="koban-listener",
+            )
+        )
         for plugin in self.plugins:
-            self._tasks.append(loop.create_task(self._run_plugin(plugin), name=f"koban-{plugin.name}"))
+            self._tasks.append(
+                loop.create_task(self._run_plugin(plugin), name=f"koban-{plugin.name}")
+            )
         for queue, limit in self.queues.items():
             producer = Producer(
                 queue=queue,
@@ -97,8 +104,14 @@ class Node:
                 poll_interval=self.poll_interval,
             )
             self.producers[queue] = producer
-            self._producer_tasks.append(loop.create_task(producer.run(), name=f"koban-producer-{queue}"))
-        log.info("node %s started: %s", self.name, ", ".join(f"{q}={n}" for q, n in self.queues.items()) or "no queues")
+            self._producer_tasks.append(
+                loop.create_task(producer.run(), name=f"koban-producer-{queue}")
+            )
+        log.info(
+            "node %s started: %s",
+            self.name,
+            ", ".join(f"{q}={n}" for q, n in self.queues.items()) or "no queues",
+        )
 
     async def stop(self, grace: float | None = None) -> None:
         """Stop fetching, let running jobs finish within `grace` seconds, record their outcomes.
@@ -123,10 +136,18 @@ class Node:
             log.warning(
                 "node %s stopped with %d job(s) still running after %.1f s of grace: %s; "
                 "they stay executing and will be rescued",
-                self.name, len(abandoned), grace, ", ".join(map(str, abandoned[:20])),
+                self.name,
+                len(abandoned),
+                grace,
+                ", ".join(map(str, abandoned[:20])),
             )
         if not await self.acker.drain(timeout=10.0):
-            log.warning("node %s could not record %d outcome(s) before stopping; those jobs will be rescued", self.name, self.acker.pending)
+            log.warning(
+                "node %s could not record %d outcome(s) before stopping; "
+                "those jobs will be rescued",
+                self.name,
+                self.acker.pending,
+            )
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -164,8 +185,10 @@ class Node:
             return
         action = payload.get("action")
         queue = payload.get("queue")
-        producers = [self.producers[queue]] if queue in self.producers else (
-            list(self.producers.values()) if queue is None else []
+        producers = (
+            [self.producers[queue]]
+            if queue in self.producers
+            else (list(self.producers.values()) if queue is None else [])
         )
         if action == "pause":
             for p in producers:
@@ -199,7 +222,9 @@ class Node:
                     if not failing:
                         log.warning(
                             "plugin %s on node %s failed (%s: %s); retrying every %.1f s",
-                            plugin.name, self.name, type(exc).__name__,
+                            plugin.name,
+                            self.name,
+                            type(exc).__name__,
                             str(exc).strip().splitlines()[0] if str(exc).strip() else "",
                             plugin.interval,
                         )

@@ -11,6 +11,7 @@ import asyncio
 import logging
 import uuid
 from collections.abc import Callable
+from datetime import datetime
 
 from koban.clock import Clock
 from koban.engines.base import Engine
@@ -131,14 +132,16 @@ class Producer:
         except TimeoutError:
             pass
 
-    def _now(self):  # type: ignore[no-untyped-def]
+    def _now(self) -> datetime | None:
         return self.clock.now() if self.clock.frozen else None
 
     def _log_failure(self, exc: Exception) -> None:
         if not self._failing:
             log.warning(
                 "queue %r on node %s cannot fetch jobs (%s: %s); retrying with backoff",
-                self.queue, self.node, type(exc).__name__,
+                self.queue,
+                self.node,
+                type(exc).__name__,
                 str(exc).strip().splitlines()[0] if str(exc).strip() else "",
             )
             self._failing = True

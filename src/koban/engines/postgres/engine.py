@@ -6,7 +6,6 @@ connection (client calls from sync code) or an async one (nodes and async client
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 from collections.abc import Awaitable, Callable, Generator, Sequence
@@ -45,7 +44,7 @@ CHANNEL_PREFIX = "koban_"
 _MIGRATE_LOCK = 7_405_361_029  # pg_advisory_xact_lock key serialising concurrent migrators
 
 # A statement to run: (SQL, params). An op yields statements and receives their rows.
-Statement = tuple[str | sql.Composable, dict[str, Any]]
+Statement = tuple[str | sql.SQL | sql.Composed, dict[str, Any]]
 Op = Generator[Statement, list[dict[str, Any]], Any]
 
 _JOB_COLUMNS = {
@@ -93,7 +92,9 @@ def _op_insert(jobs: Sequence[Job], now: datetime | None) -> Op:
     pending = next(inserted, None)
     for job in jobs:
         key = job.unique_key
-        if pending is not None and (key is None or (key not in seen and pending["unique_key"] == key)):
+        if pending is not None and (
+            key is None or (key not in seen and pending["unique_key"] == key)
+        ):
             out.append(row_to_job(pending))
             pending = next(inserted, None)
         else:
@@ -111,8 +112,9 @@ def _op_insert(jobs: Sequence[Job], now: datetime | None) -> Op:
                 if found is None:
                     # The holder left the unique states between insert and lookup: the key
                     # is free now, so report that nothing was inserted for this entry.
-                    found = Job(worker=job.worker, args=job.args, queue=job.queue,
-                                unique_key=job.unique_key)
+                    found = Job(
+                        worker=job.worker, args=job.args, queue=job.queue, unique_key=job.unique_key
+                    )
                 dup = Job(**{f: getattr(found, f) for f in _JOB_COLUMNS})
                 dup.conflict = True
                 out[i] = dup
@@ -159,7 +161,9 @@ def _limit(flt: JobFilter) -> sql.Composable:
 
 def _op_list(flt: JobFilter) -> Op:
     where, params = _where(flt)
-    query = sql.SQL("SELECT * FROM koban_jobs WHERE {} ORDER BY id DESC{}").format(where, _limit(flt))
+    query = sql.SQL("SELECT * FROM koban_jobs WHERE {} ORDER BY id DESC{}").format(
+        where, _limit(flt)
+    )
     rows = yield query, params
     return [row_to_job(r) for r in rows]
 
@@ -330,7 +334,9 @@ class PostgresEngine(Engine):
 
     def _async_pool(self) -> AsyncConnectionPool:
         if self._pool is None:
-            raise RuntimeError("the engine is not open; use `async with app:` or `await app.open()`")
+            raise RuntimeError(
+                "the engine is not open; use `async with app:` or `await app.open()`"
+            )
         return self._pool
 
     async def _aexec(self, op: Op, conn: Any = None) -> Any:
@@ -403,14 +409,20 @@ class PostgresEngine(Engine):
             "version integer PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now());"
         ]
         for version, name, text in MIGRATIONS:
-            out.append(f"-- {name}\n{text.strip()}\nINSERT INTO koban_schema (version) VALUES ({version});")
+            out.append(
+                f"-- {name}\n{text.strip()}\nINSERT INTO koban_schema (version) VALUES ({version});"
+            )
         return "\n\n".join(out) + "\n"
 
     # ----- client ---------------------------------------------------------------------------
-    def insert_sync(self, jobs: Sequence[Job], conn: Any = None, now: datetime | None = None) -> list[Job]:
+    def insert_sync(
+        self, jobs: Sequence[Job], conn: Any = None, now: datetime | None = None
+    ) -> list[Job]:
         return self._exec(_op_insert(jobs, now), conn) if jobs else []
 
-    async def insert(self, jobs: Sequence[Job], conn: Any = None, now: datetime | None = None) -> list[Job]:
+    async def insert(
+        self, jobs: Sequence[Job], conn: Any = None, now: datetime | None = None
+    ) -> list[Job]:
         return await self._aexec(_op_insert(jobs, now), conn) if jobs else []
 
     def get_job_sync(self, job_id: int) -> Job | None:
@@ -452,7 +464,10 @@ class PostgresEngine(Engine):
 
     # ----- runtime --------------------------------------------------------------------------
     async def _rows(self, query: str, params: dict[str, Any]) -> list[dict[str, Any]]:
-        async with self._async_pool().connection() as conn, conn.cursor(row_factory=dict_row) as cur:
+        async with (
+            self._async_pool().connection() as conn,
+            conn.cursor(row_factory=dict_row) as cur,
+        ):
             await cur.execute(query, params)
             return await cur.fetchall() if cur.description else []
 
