@@ -49,7 +49,8 @@ class Producer:
         self.running: dict[int, tuple[Job, asyncio.Task[None]]] = {}
         self._wake = asyncio.Event()
         self._fetching = True
-        self._maybe_more = True
+        self._look = True  # fetch at the next chance
+        self._more = True  # the last fetch filled every slot it asked for
         self._all_done = asyncio.Event()
         self._all_done.set()
         self._failing = False
@@ -57,7 +58,7 @@ class Producer:
     # ----- control --------------------------------------------------------------------------
     def wake(self) -> None:
         """Fetch soon: jobs may have arrived."""
-        self._maybe_more = True
+        self._look = True
         self._wake.set()
 
     def pause(self) -> None:
@@ -100,13 +101,16 @@ class Producer:
         while self._fetching:
             self._wake.clear()
             asked = 0 if self.paused else self.free
-            if asked and self._maybe_more:
+            if asked and self._look:
+                # Consumed before the fetch, so a wake-up arriving during it is not lost.
+                self._look = False
                 try:
                     jobs = await self.engine.fetch(
                         self.queue, asked, self.node, self.id, now=self._now()
                     )
                 except Exception as exc:
                     self._log_failure(exc)
+                    self._look = True
                     await self._sleep(delay)
                     delay = min(delay * 2, 5.0)
                     continue
@@ -116,21 +120,23 @@ class Producer:
                 delay = 0.1
                 for job in jobs:
                     self._start(job)
-                self._maybe_more = len(jobs) == asked
+                # A full batch means more may be waiting: fetch again as soon as a slot frees.
+                self._more = len(jobs) == asked
                 if not self._fetching:
                     break
-            await self._sleep(self.poll_interval())
-            if not self._wake.is_set():
-                self._maybe_more = True  # the poll interval passed: look again
+            if not await self._sleep(self.poll_interval()):
+                self._look = True  # the poll interval passed: look again
             else:
                 # Let a burst of finishing jobs free their slots before the next fetch.
                 await asyncio.sleep(0)
 
-    async def _sleep(self, seconds: float) -> None:
+    async def _sleep(self, seconds: float) -> bool:
+        """Wait for a wake-up or `seconds`; True if woken."""
         try:
             await asyncio.wait_for(self._wake.wait(), seconds)
+            return True
         except TimeoutError:
-            pass
+            return False
 
     def _now(self) -> datetime | None:
         return self.clock.now() if self.clock.frozen else None
@@ -166,9 +172,9 @@ class Producer:
             self.running.pop(job.id or 0, None)
             if not self.running:
                 self._all_done.set()
-            if self._maybe_more or self.free == 1:
-                # A slot opened: jobs left behind by the last full fetch can run now.
-                self._maybe_more = True
+            if self._more:
+                # A slot opened and the last fetch was full: jobs left behind can run now.
+                self._look = True
                 self._wake.set()
 
     async def wait_idle(self, timeout: float) -> bool:
