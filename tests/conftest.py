@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 import pytest
@@ -64,3 +65,23 @@ def db_url(request: pytest.FixtureRequest) -> str:
     """Each engine in turn: tests using this fixture form the conformance suite."""
     fixture = "pg_url" if request.param == "postgres" else "sqlite_url"
     return request.getfixturevalue(fixture)
+
+
+@pytest.fixture
+def fresh_pg_url(pg_session_url: str) -> Iterator[str]:
+    """A PostgreSQL database with no koban schema (dropped and created again per test)."""
+    params = conninfo_to_dict(pg_session_url)
+    name = f"{params.get('dbname')}_fresh"
+    admin = make_conninfo(pg_session_url, dbname="postgres")
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        conn.execute(f'CREATE DATABASE "{name}"')
+    yield urlunsplit(urlsplit(pg_session_url)._replace(path=f"/{name}"))
+
+
+@pytest.fixture(params=["postgres", "sqlite"])
+def fresh_db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """Each engine in turn, as a database koban has never migrated."""
+    if request.param == "postgres":
+        return request.getfixturevalue("fresh_pg_url")
+    return f"sqlite:///{tmp_path / 'fresh.db'}"

@@ -1,0 +1,1 @@
+"""Small koban apps that tests run as `koban start --app apps.<module>:app` subprocesses."""

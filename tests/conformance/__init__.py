@@ -1,0 +1,1 @@
+"""The engine conformance suite: every test here runs against PostgreSQL and SQLite."""
