@@ -7,16 +7,21 @@ Exit codes: 0 success; 1 a job-level failure reported by a command; 2 bad usage 
 from __future__ import annotations
 
 import importlib
+import json
 import logging
 import os
 import sys
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
 from typing import Any, NoReturn
 
 import click
 
 from koban.app import Koban, parse_queues
-from koban.engines.base import create_engine, redact
+from koban.engines.base import JobFilter, create_engine, redact
 from koban.errors import ConfigurationError, DatabaseError, KobanError
+from koban.job import Job, JobState
+from koban.worker import WorkerOptions, build_job
 
 EXIT_USAGE = 2
 EXIT_DATABASE = 3
@@ -120,6 +125,439 @@ def start(app_path: str, queues: str | None, node: str | None, log_level: str) -
 
     JobLogger().attach(app.telemetry)
     run_guarded(app.run, queues=queue_map, node=node)
+
+
+# ----- operating a cluster: jobs, queues, nodes, stats, dashboard ------------------------------
+# Every command takes --database or --app, prints a table for people or JSON with --json, and
+# exits with the codes listed at the top of this module.
+
+EXIT_JOB = 1
+
+
+def _database_options(fn: Any) -> Any:
+    fn = click.option(
+        "--app", "app_path", help="Take the database and workers from this app (module:attribute)."
+    )(fn)
+    return click.option("--database", "-d", help=DATABASE_HELP)(fn)
+
+
+def _json_option(fn: Any) -> Any:
+    return click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")(fn)
+
+
+def _ops_app(database: str | None, app_path: str | None) -> tuple[Koban, bool]:
+    """The app to operate on, and whether its worker registry and queues are known."""
+    if app_path:
+        loaded = load_app(app_path)
+        if not database:
+            return loaded, True
+        app = run_guarded(Koban, database, queues=loaded.queues)
+        app.workers = loaded.workers
+        return app, True
+    return run_guarded(Koban, resolve_url(database, None)), False
+
+
+def _run_async(app: Koban, fn: Any) -> Any:
+    """Run `fn()` (a coroutine function) with the app opened for async use, then close it."""
+    import asyncio
+
+    async def body() -> Any:
+        try:
+            await app.open()
+            return await fn()
+        finally:
+            await app.close()
+
+    return run_guarded(asyncio.run, body())
+
+
+def _print_json(value: Any) -> None:
+    click.echo(json.dumps(value, indent=2, default=str, ensure_ascii=False))
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A plain aligned text table."""
+    cells = [[_cell(v) for v in row] for row in rows]
+    widths = [len(h) for h in headers]
+    for row in cells:
+        widths = [max(w, len(c)) for w, c in zip(widths, row, strict=True)]
+    lines = ["  ".join(h.upper().ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip()]
+    for row in cells:
+        lines.append("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+    return "\n".join(lines)
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, datetime):
+        return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S")
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    text = str(value).replace("\n", " ")
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _parse_time(value: str | None, option: str) -> datetime | None:
+    """An ISO 8601 time (UTC if no offset) or an age such as 30s, 15m, 2h or 7d."""
+    if value is None:
+        return None
+    text = value.strip()
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    if text[-1:].lower() in units and text[:-1].replace(".", "", 1).isdigit():
+        return datetime.now(UTC) - timedelta(seconds=float(text[:-1]) * units[text[-1].lower()])
+    try:
+        parsed = datetime.fromisoformat(text)
+    except ValueError:
+        fail(
+            f"{option} {value!r} is not a time; "
+            "use ISO 8601 (2026-07-01T12:00) or an age (15m, 2h, 7d)"
+        )
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+def _queue_known(app: Koban, queue: str) -> bool:
+    """True if any node, setting or job of the cluster mentions `queue`."""
+    if queue in app.queues:
+        return True
+    if app.list_jobs(JobFilter(queues=[queue], limit=1)):
+        return True
+    for lookup in ("queue_states", "list_nodes"):
+        method = getattr(app, lookup, None)
+        if method is None:
+            continue
+        for item in method():
+            names = (
+                {getattr(item, "name", None)}
+                if lookup == "queue_states"
+                else set(getattr(item, "queues", None) or {})
+            )
+            if queue in names:
+                return True
+    return False
+
+
+def _check_queues(app: Koban, queues: Sequence[str]) -> None:
+    for queue in queues:
+        if not _queue_known(app, queue):
+            known = ", ".join(sorted(app.queues)) if app.queues else "none"
+            fail(
+                f"unknown queue {queue!r}: no node runs it, no setting names it and no job is in "
+                f"it (configured queues: {known}); check the spelling"
+            )
+
+
+def _check_workers(app: Koban, workers: Sequence[str], has_registry: bool) -> None:
+    for worker in workers:
+        if worker in app.workers or app.list_jobs(JobFilter(workers=[worker], limit=1)):
+            continue
+        if has_registry:
+            known = ", ".join(sorted(app.workers)) or "none registered"
+            fail(f"unknown worker {worker!r}: the app registers {known}")
+        fail(
+            f"unknown worker {worker!r}: no job of that worker is in the database; pass "
+            "--app module:app so koban can check its registry"
+        )
+
+
+def _filter_options(fn: Any) -> Any:
+    options = [
+        click.option(
+            "--state",
+            "states",
+            multiple=True,
+            type=click.Choice([str(s) for s in JobState]),
+            help="Only jobs in this state (repeatable).",
+        ),
+        click.option(
+            "--queue", "-q", "queues", multiple=True, help="Only jobs of this queue (repeatable)."
+        ),
+        click.option(
+            "--worker",
+            "-w",
+            "workers",
+            multiple=True,
+            help="Only jobs of this worker (repeatable).",
+        ),
+        click.option(
+            "--tag",
+            "tags",
+            multiple=True,
+            help="Only jobs carrying this tag (repeatable: all of them).",
+        ),
+        click.option("--args-text", help="Only jobs whose JSON args contain this text."),
+        click.option(
+            "--inserted-before",
+            help="Only jobs inserted before this time or age (ISO 8601, or 15m, 2h, 7d).",
+        ),
+        click.option("--inserted-after", help="Only jobs inserted after this time or age."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def _build_filter(app: Koban, has_registry: bool, ids: Sequence[int] = (), **f: Any) -> JobFilter:
+    _check_queues(app, f["queues"])
+    _check_workers(app, f["workers"], has_registry)
+    return JobFilter(
+        ids=list(ids) or None,
+        states=list(f["states"]) or None,
+        queues=list(f["queues"]) or None,
+        workers=list(f["workers"]) or None,
+        tags=list(f["tags"]) or None,
+        args_text=f["args_text"] or None,
+        inserted_before=_parse_time(f["inserted_before"], "--inserted-before"),
+        inserted_after=_parse_time(f["inserted_after"], "--inserted-after"),
+    )
+
+
+def _job_rows(jobs: Sequence[Job]) -> str:
+    return _table(
+        ["id", "state", "queue", "worker", "attempt", "inserted", "scheduled", "args"],
+        [
+            (
+                j.id, j.state, j.queue, j.worker, f"{j.attempt}/{j.max_attempts}",
+                j.inserted_at, j.scheduled_at, json.dumps(j.args, ensure_ascii=False),
+            )
+            for j in jobs
+        ],
+    )  # fmt: skip
+
+
+@main.group()
+def jobs() -> None:
+    """Insert, list, inspect, retry, cancel and delete jobs."""
+
+
+@jobs.command("insert")
+@click.argument("worker")
+@click.option(
+    "--args", "args_json", default="{}", show_default=True, help="The job's args as a JSON object."
+)
+@click.option("--queue", "-q", help="Queue (default: the worker's).")
+@click.option("--priority", "-p", type=int, help="0 (runs first) to 9.")
+@click.option("--schedule-in", type=float, help="Seconds from now before the job may run.")
+@click.option("--max-attempts", type=int, help="Attempts before the job is discarded.")
+@click.option("--tag", "tags", multiple=True, help="Tag the job (repeatable).")
+@_database_options
+@_json_option
+def jobs_insert(
+    worker: str,
+    args_json: str,
+    queue: str | None,
+    priority: int | None,
+    schedule_in: float | None,
+    max_attempts: int | None,
+    tags: tuple[str, ...],
+    database: str | None,
+    app_path: str | None,
+    as_json: bool,
+) -> None:
+    """Insert a job for WORKER now, as an operator would from a console."""
+    try:
+        args = json.loads(args_json)
+    except json.JSONDecodeError as exc:
+        fail(f"--args is not valid JSON ({exc}); pass an object such as '{{\"user_id\": 7}}'")
+    app, has_registry = _ops_app(database, app_path)
+    try:
+        if has_registry:
+            entry = run_guarded(app.resolve_worker, worker)
+            new = entry.target.new
+        else:
+            _check_workers(app, [worker], has_registry=False)
+
+            def new(args: Any, **options: Any) -> Job:
+                return build_job(worker, WorkerOptions(), args, **options)
+
+        if queue is not None:
+            _check_queues(app, [queue])
+        options: dict[str, Any] = {
+            "queue": queue,
+            "priority": priority,
+            "max_attempts": max_attempts,
+        }
+        if tags:
+            options["tags"] = list(tags)
+        job = run_guarded(app.enqueue, run_guarded(new, args, schedule_in=schedule_in, **options))
+    finally:
+        app.engine.close_sync()
+    if as_json:
+        _print_json(job.to_dict())
+    elif job.conflict:
+        click.echo(f"job {job.id} already exists for {worker} (unique); nothing inserted")
+    else:
+        click.echo(f"inserted job {job.id} ({job.worker}) into queue {job.queue!r}: {job.state}")
+
+
+@jobs.command("list")
+@_filter_options
+@click.option("--before-id", type=int, help="Only jobs older than this id (the next page).")
+@click.option("--limit", "-n", type=click.IntRange(1, 10_000), default=50, show_default=True)
+@_database_options
+@_json_option
+def jobs_list(
+    before_id: int | None,
+    limit: int,
+    database: str | None,
+    app_path: str | None,
+    as_json: bool,
+    **f: Any,
+) -> None:
+    """List jobs, newest first."""
+    app, has_registry = _ops_app(database, app_path)
+    try:
+        flt = run_guarded(_build_filter, app, has_registry, **f)
+        flt.before_id = before_id
+        flt.limit = limit
+        found = run_guarded(app.list_jobs, flt)
+    finally:
+        app.engine.close_sync()
+    if as_json:
+        _print_json([j.to_dict() for j in found])
+        return
+    if not found:
+        click.echo("no jobs match")
+        return
+    click.echo(_job_rows(found))
+    if len(found) == limit:
+        click.echo(f"(more: --before-id {found[-1].id})")
+
+
+@jobs.command("show")
+@click.argument("job_id", type=int)
+@_database_options
+@_json_option
+def jobs_show(job_id: int, database: str | None, app_path: str | None, as_json: bool) -> None:
+    """Everything about one job: args, meta, each attempt's error and traceback."""
+    app, _ = _ops_app(database, app_path)
+    try:
+        job = run_guarded(app.get_job, job_id)
+    finally:
+        app.engine.close_sync()
+    if job is None:
+        fail(f"job {job_id} not found (it may have been pruned or deleted)", EXIT_JOB)
+    if as_json:
+        _print_json(job.to_dict())
+        return
+    fields = [
+        ("id", job.id), ("state", job.state), ("worker", job.worker), ("queue", job.queue),
+        ("priority", job.priority), ("attempt", f"{job.attempt} of {job.max_attempts}"),
+        ("tags", ", ".join(job.tags) or None), ("inserted", job.inserted_at),
+        ("scheduled", job.scheduled_at), ("attempted", job.attempted_at),
+        ("attempted by", " ".join(job.attempted_by or []) or None),
+        ("completed", job.completed_at), ("cancelled", job.cancelled_at),
+        ("discarded", job.discarded_at), ("unique key", job.unique_key),
+    ]  # fmt: skip
+    for name, value in fields:
+        click.echo(f"{name + ':':<14}{_cell(value) if not isinstance(value, str) else value}")
+    click.echo("args:\n" + _indent(json.dumps(job.args, indent=2, ensure_ascii=False)))
+    click.echo("meta:\n" + _indent(json.dumps(job.meta, indent=2, ensure_ascii=False)))
+    for error in job.errors:
+        click.echo(
+            f"error (attempt {error.get('attempt')}, {error.get('at')}): "
+            f"{error.get('type')}: {error.get('message')}"
+        )
+        if error.get("traceback"):
+            click.echo(_indent(str(error["traceback"]).rstrip()))
+
+
+def _indent(text: str) -> str:
+    return "\n".join("  " + line for line in text.splitlines())
+
+
+def _bulk_command(action: str, doc: str) -> None:
+    """Register `koban jobs retry|cancel|delete`: by ids, or by filters with confirmation."""
+
+    @jobs.command(action, help=doc)
+    @click.argument("job_ids", type=int, nargs=-1)
+    @_filter_options
+    @click.option(
+        "--yes", "-y", is_flag=True, help="Do not ask before acting on every job a filter matches."
+    )
+    @_database_options
+    @_json_option
+    def command(
+        job_ids: tuple[int, ...],
+        yes: bool,
+        database: str | None,
+        app_path: str | None,
+        as_json: bool,
+        **f: Any,
+    ) -> None:
+        has_filter = any(f.values())
+        if not job_ids and not has_filter:
+            fail(f"give job ids or at least one filter; `koban jobs {action} --help` lists them")
+        app, has_registry = _ops_app(database, app_path)
+        try:
+            flt = run_guarded(_build_filter, app, has_registry, job_ids, **f)
+            if not job_ids and not yes:
+                count = len(
+                    run_guarded(app.list_jobs, JobFilter(**{**_fields(flt), "limit": 10_001}))
+                )
+                shown = "more than 10000" if count > 10_000 else str(count)
+                click.confirm(f"{action} {shown} matching job(s)?", abort=True, err=True)
+            method = getattr(app, f"{action}_jobs")
+            done = run_guarded(method, flt)
+        finally:
+            app.engine.close_sync()
+        done_ids = sorted(done if action == "delete" else [j.id for j in done])
+        if as_json:
+            _print_json({"action": action, "job_ids": done_ids})
+        else:
+            past = {"retry": "retried", "cancel": "cancelled", "delete": "deleted"}[action]
+            click.echo(
+                f"{past} {len(done_ids)} job(s)"
+                + (f": {', '.join(map(str, done_ids))}" if done_ids else "")
+            )
+        missed = sorted(set(job_ids) - set(done_ids))
+        if missed:
+            why = {
+                "retry": "missing, executing or already available",
+                "cancel": "missing or already finished",
+                "delete": "missing or executing (cancel it first)",
+            }[action]
+            fail(f"not {action}: job(s) {', '.join(map(str, missed))} ({why})", EXIT_JOB)
+
+
+def _fields(flt: JobFilter) -> dict[str, Any]:
+    return {name: getattr(flt, name) for name in JobFilter.__slots__}
+
+
+_bulk_command("retry", "Run jobs again now (one more attempt if they used all theirs).")
+_bulk_command("cancel", "Cancel jobs that have not finished; running ones are stopped.")
+_bulk_command("delete", "Delete jobs that are not executing.")
+
+
+@main.command()
+@_database_options
+@_json_option
+def stats(database: str | None, app_path: str | None, as_json: bool) -> None:
+    """Jobs per queue and state, and what finished in the last hour."""
+    from koban.web.stats import STATES, job_counts, throughput
+
+    app, _ = _ops_app(database, app_path)
+
+    async def gather() -> Any:
+        return await job_counts(app), await throughput(app, 60)
+
+    counts, minutes = _run_async(app, gather)
+    hour = None
+    if minutes is not None:
+        hour = {
+            "completed": sum(m.completed for m in minutes),
+            "failed": sum(m.failed for m in minutes),
+        }
+    if as_json:
+        _print_json({"queues": counts.by_queue, "exact": counts.exact, "last_hour": hour})
+        return
+    rows = [[queue, *(c[s] for s in STATES)] for queue, c in counts.by_queue.items()]
+    rows.append(["(all)", *(counts.total(s) for s in STATES)])
+    click.echo(_table(["queue", *STATES], rows))
+    if not counts.exact:
+        click.echo("(estimated: the jobs table is large)")
+    if hour is not None:
+        click.echo(f"last hour: {hour['completed']} completed, {hour['failed']} failed attempts")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -70,6 +70,15 @@ class QueueState:
     counts: dict[str, int] = field(default_factory=dict)
 
 
+@dataclass(frozen=True, slots=True)
+class Throughput:
+    """Jobs that completed and attempts that failed during one minute."""
+
+    minute: datetime
+    completed: int
+    failed: int
+
+
 @dataclass(slots=True)
 class MigrationStatus:
     current: int | None
@@ -169,6 +178,24 @@ class Engine(ABC):
     @abstractmethod
     async def count_by_queue_and_state(self) -> dict[str, dict[str, int]]:
         """{queue: {state: count}} for every job in the table."""
+
+    # ----- operations (dashboard, metrics, CLI) ---------------------------------------------
+    async def estimate_jobs(self, flt: JobFilter) -> tuple[int, bool]:
+        """How many jobs match `flt`, as (count, exact), cheaply on a table of any size.
+
+        Small results are counted; when more than a few thousand rows match, an engine may
+        return its planner's estimate instead, with `exact` False. `flt.limit` and
+        `flt.before_id` are ignored.
+        """
+        raise NotImplementedError(f"{type(self).__name__} does not implement estimate_jobs yet")
+
+    async def throughput(self, minutes: int = 60, now: datetime | None = None) -> list[Throughput]:
+        """Completed jobs and failed attempts per minute over the last `minutes` minutes.
+
+        One entry per minute, oldest first, the current (partial) minute last, zeros included.
+        A failed attempt is an entry in a job's errors other than a cancellation.
+        """
+        raise NotImplementedError(f"{type(self).__name__} does not implement throughput yet")
 
     # ----- runtime --------------------------------------------------------------------------
     @abstractmethod

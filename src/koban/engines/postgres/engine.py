@@ -6,6 +6,7 @@ connection (client calls from sync code) or an async one (nodes and async client
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from collections.abc import Awaitable, Callable, Generator, Sequence
@@ -25,6 +26,7 @@ from koban.engines.base import (
     JobFilter,
     MigrationStatus,
     NotificationHandler,
+    Throughput,
     redact,
 )
 from koban.errors import (
@@ -210,6 +212,23 @@ def _op_delete(flt: JobFilter) -> Op:
     ).format(where, _limit(flt))
     rows = yield query, params
     return sorted(r["id"] for r in rows)
+
+
+#: Up to this many matching jobs are counted exactly; beyond it the planner estimates.
+EXACT_COUNT_LIMIT = 10_000
+
+
+def _op_estimate(flt: JobFilter) -> Op:
+    where, params = _where(dataclasses.replace(flt, before_id=None, limit=None))
+    capped = sql.SQL("SELECT count(*) AS n FROM (SELECT 1 FROM koban_jobs WHERE {} LIMIT {}) AS m")
+    counted = yield capped.format(where, sql.Literal(EXACT_COUNT_LIMIT + 1)), params
+    n = int(counted[0]["n"])
+    if n <= EXACT_COUNT_LIMIT:
+        return n, True
+    explain = sql.SQL("EXPLAIN (FORMAT JSON) SELECT 1 FROM koban_jobs WHERE {}")
+    plan = yield explain.format(where), params
+    estimate = int(plan[0]["QUERY PLAN"][0]["Plan"]["Plan Rows"])
+    return max(estimate, n), False
 
 
 def _run_sync(op: Op, conn: psycopg.Connection[Any]) -> Any:
@@ -461,6 +480,14 @@ class PostgresEngine(Engine):
         for row in rows:
             out.setdefault(row["queue"], {})[row["state"]] = row["n"]
         return out
+
+    async def estimate_jobs(self, flt: JobFilter) -> tuple[int, bool]:
+        return await self._aexec(_op_estimate(flt))
+
+    async def throughput(self, minutes: int = 60, now: datetime | None = None) -> list[Throughput]:
+        params = {"minutes": max(1, int(minutes)), "now": now}
+        rows = await self._rows(QUERIES["throughput"], params)
+        return [Throughput(r["minute"], int(r["completed"]), int(r["failed"])) for r in rows]
 
     # ----- runtime --------------------------------------------------------------------------
     async def _rows(self, query: str, params: dict[str, Any]) -> list[dict[str, Any]]:

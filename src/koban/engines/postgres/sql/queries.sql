@@ -120,3 +120,33 @@ SELECT queue, state, count(*) AS n FROM koban_jobs GROUP BY queue, state;
 -- name: schema_version
 -- The newest applied migration.
 SELECT max(version) AS version FROM koban_schema;
+
+-- name: throughput
+-- Completed jobs and failed attempts per minute over the last %(minutes)s minutes, zeros
+-- included. A failed attempt is an errors entry other than a cancellation; only jobs attempted
+-- since shortly before the window can hold one.
+WITH bounds AS (
+    SELECT date_trunc('minute', coalesce(%(now)s::timestamptz, now())) AS until,
+           date_trunc('minute', coalesce(%(now)s::timestamptz, now()))
+               - make_interval(mins => %(minutes)s - 1) AS since
+), minutes AS (
+    SELECT generate_series(since, until, interval '1 minute') AS minute FROM bounds
+), completed AS (
+    SELECT date_trunc('minute', j.completed_at) AS minute, count(*) AS n
+    FROM koban_jobs AS j, bounds
+    WHERE j.state = 'completed' AND j.completed_at >= bounds.since
+    GROUP BY 1
+), failed AS (
+    SELECT date_trunc('minute', (e ->> 'at')::timestamptz) AS minute, count(*) AS n
+    FROM koban_jobs AS j, bounds, jsonb_array_elements(j.errors) AS e
+    WHERE j.attempted_at >= bounds.since - interval '1 hour'
+      AND j.errors <> '[]'::jsonb
+      AND e ->> 'type' IS DISTINCT FROM 'koban.Cancel'
+      AND (e ->> 'at')::timestamptz >= bounds.since
+    GROUP BY 1
+)
+SELECT m.minute, coalesce(c.n, 0) AS completed, coalesce(f.n, 0) AS failed
+FROM minutes AS m
+LEFT JOIN completed AS c USING (minute)
+LEFT JOIN failed AS f USING (minute)
+ORDER BY m.minute;
