@@ -1,0 +1,1 @@
+"""Runnable examples shipped with koban, importable from an installed package (`koban demo`)."""
