@@ -90,6 +90,15 @@ class Koban:
         self.node_name = node
         self.clock = clock or Clock()
         self.shutdown_grace = shutdown_grace
+        if max_args_bytes is not None and (
+            isinstance(max_args_bytes, bool)
+            or not isinstance(max_args_bytes, int)
+            or max_args_bytes < 2
+        ):
+            raise ConfigurationError(
+                f"max_args_bytes must be a whole number of bytes of at least 2 (the size of "
+                f"empty args, {{}}) or None for no limit, got {max_args_bytes!r}"
+            )
         self.max_args_bytes = max_args_bytes
         self.telemetry = Telemetry()
         self.workers: dict[str, RegisteredWorker] = {}

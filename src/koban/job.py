@@ -12,9 +12,11 @@ States and their transitions are defined here once; everything else refers to th
 from __future__ import annotations
 
 import json
+import math
+import re
 import threading
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
@@ -40,6 +42,14 @@ DEFAULT_MAX_ATTEMPTS = 20
 DEFAULT_QUEUE = "default"
 #: Largest encoded args accepted by enqueue, in bytes. Overridable per app.
 DEFAULT_MAX_ARGS_BYTES = 1024 * 1024
+#: Limits of the columns and of JSON that every engine stores and reads back intact.
+MAX_QUEUE_LENGTH = 128
+MAX_WORKER_LENGTH = 255
+MAX_ATTEMPTS_LIMIT = 2**31 - 1
+MAX_JSON_DEPTH = 256
+#: schedule_in beyond this many seconds either way (100 years) is refused: times far enough out
+#: are stored by the database but cannot be read back into a Python datetime.
+MAX_SCHEDULE_IN = 100 * 366 * 86400
 
 
 @dataclass(slots=True)
@@ -102,6 +112,49 @@ _PUBLIC_FIELDS = (
 )  # fmt: skip
 
 
+def _text_problem(text: str) -> str | None:
+    """Why a string cannot be stored as text, or None."""
+    if "\x00" in text:
+        return "a NUL character, which databases refuse; encode binary data (base64) first"
+    if _SURROGATE.search(text):
+        return "a lone surrogate code point, which is not valid UTF-8"
+    return None
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _check_tree(value: dict[str, Any], what: str, worker: str) -> None:
+    """Refuse what JSON would silently change or a database would refuse: non-string keys
+    (json turns 7 into "7"), NUL and lone surrogates in strings, and very deep nesting."""
+    stack: list[tuple[Any, str, int]] = [(value, what, 1)]
+    while stack:
+        node, path, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise JobValidationError(
+                f"{what} for worker {worker!r} is nested more than {MAX_JSON_DEPTH} levels "
+                f"deep (at {path[:80]}...); flatten it"
+            )
+        if isinstance(node, dict):
+            for key, child in node.items():
+                if not isinstance(key, str):
+                    raise JobValidationError(
+                        f"{what} for worker {worker!r} has the key {key!r} "
+                        f"({type(key).__name__}) in {path[:80]}; JSON object keys must be "
+                        "strings (JSON would silently turn it into one)"
+                    )
+                stack.append((child, f"{path}[{key[:20]!r}]", depth + 1))
+                stack.append((key, f"the key {key[:20]!r} in {path}", depth))
+        elif isinstance(node, list | tuple):
+            stack.extend((child, f"{path}[{i}]", depth + 1) for i, child in enumerate(node))
+        elif isinstance(node, str):
+            problem = _text_problem(node)
+            if problem:
+                raise JobValidationError(
+                    f"{what} for worker {worker!r} contains {problem} (in {path[:80]})"
+                )
+
+
 def encode_json(value: Any, *, what: str, worker: str, limit: int | None = None) -> str:
     """Encode `value` as compact JSON or raise a JobValidationError naming the worker."""
     if not isinstance(value, dict):
@@ -109,6 +162,7 @@ def encode_json(value: Any, *, what: str, worker: str, limit: int | None = None)
             f"{what} for worker {worker!r} must be a JSON object (a dict), "
             f"got {type(value).__name__}"
         )
+    _check_tree(value, what, worker)
     try:
         text = json.dumps(value, separators=(",", ":"), allow_nan=False, ensure_ascii=False)
     except (TypeError, ValueError) as exc:
@@ -117,24 +171,32 @@ def encode_json(value: Any, *, what: str, worker: str, limit: int | None = None)
             "Pass plain dicts, lists, strings, numbers, booleans and None "
             "(convert dates to ISO strings, ids to ints)."
         ) from None
-    if limit is not None and len(text.encode()) > limit:
+    size = len(text.encode())
+    if limit is not None and size > limit:
         raise JobValidationError(
-            f"{what} for worker {worker!r} is {len(text.encode())} bytes encoded, above the "
-            f"limit of {limit} bytes; store large payloads elsewhere and pass a reference."
-        )
-    if "\x00" in text:
-        raise JobValidationError(
-            f"{what} for worker {worker!r} contains a NUL character, which databases refuse; "
-            "encode binary data (for example base64) first."
+            f"{what} for worker {worker!r} is {size} bytes encoded, above the limit of "
+            f"{limit} bytes (Koban(max_args_bytes=...)); store large payloads elsewhere and "
+            "pass a reference."
         )
     return text
 
 
 def validate(job: Job, *, max_args_bytes: int | None = DEFAULT_MAX_ARGS_BYTES) -> tuple[str, str]:
-    """Check a job before insert; return its args and meta encoded as JSON."""
+    """Check a job before insert (setting `scheduled_at` to UTC); return args and meta as JSON."""
     name = job.worker
+    if not isinstance(name, str) or not 1 <= len(name) <= MAX_WORKER_LENGTH or _text_problem(name):
+        raise JobValidationError(
+            f"worker name {name!r} must be a string of 1 to {MAX_WORKER_LENGTH} characters"
+        )
     if not isinstance(job.queue, str) or not job.queue.strip():
-        raise JobValidationError(f"queue for worker {name!r} must be a non-empty string")
+        raise JobValidationError(
+            f"queue for worker {name!r} must be a non-empty string, got {job.queue!r}"
+        )
+    if len(job.queue) > MAX_QUEUE_LENGTH or _text_problem(job.queue):
+        raise JobValidationError(
+            f"queue for worker {name!r} must be at most {MAX_QUEUE_LENGTH} characters with no "
+            f"NUL or lone surrogate, got {job.queue[:40]!r}"
+        )
     if isinstance(job.priority, bool) or not isinstance(job.priority, int):
         raise JobValidationError(
             f"priority for worker {name!r} must be an int from 0 to 9, got {job.priority!r}"
@@ -148,21 +210,53 @@ def validate(job: Job, *, max_args_bytes: int | None = DEFAULT_MAX_ARGS_BYTES) -
             f"max_attempts for worker {name!r} must be an int of at least 1, "
             f"got {job.max_attempts!r}"
         )
-    if job.max_attempts < 1:
+    if not 1 <= job.max_attempts <= MAX_ATTEMPTS_LIMIT:
         raise JobValidationError(
-            f"max_attempts for worker {name!r} must be at least 1, got {job.max_attempts}"
+            f"max_attempts for worker {name!r} must be from 1 to {MAX_ATTEMPTS_LIMIT}, "
+            f"got {job.max_attempts}"
         )
     if not isinstance(job.tags, list) or not all(isinstance(t, str) for t in job.tags):
-        raise JobValidationError(f"tags for worker {name!r} must be a list of strings")
+        raise JobValidationError(
+            f"tags for worker {name!r} must be a list of strings, got {job.tags!r:.80}"
+        )
+    for tag in job.tags:
+        problem = _text_problem(tag)
+        if problem:
+            raise JobValidationError(
+                f"tags for worker {name!r}: the tag {tag!r} contains {problem}"
+            )
     if job.schedule_in is not None:
         if isinstance(job.schedule_in, bool) or not isinstance(job.schedule_in, int | float):
-            raise JobValidationError(f"schedule_in for worker {name!r} must be a number of seconds")
-        if job.schedule_in != job.schedule_in or job.schedule_in in (float("inf"), float("-inf")):
-            raise JobValidationError(f"schedule_in for worker {name!r} must be finite")
-    if job.scheduled_at is not None and job.scheduled_at.tzinfo is None:
-        raise JobValidationError(
-            f"scheduled_at for worker {name!r} must be timezone-aware (koban stores UTC)"
-        )
+            raise JobValidationError(
+                f"schedule_in for worker {name!r} must be a number of seconds, "
+                f"got {job.schedule_in!r:.80}"
+            )
+        if not math.isfinite(job.schedule_in) or abs(job.schedule_in) > MAX_SCHEDULE_IN:
+            raise JobValidationError(
+                f"schedule_in for worker {name!r} must be a finite number of seconds within "
+                f"100 years, got {job.schedule_in!r}; use scheduled_at for a fixed time"
+            )
+    if job.scheduled_at is not None:
+        at = job.scheduled_at
+        if not isinstance(at, datetime):
+            raise JobValidationError(
+                f"scheduled_at for worker {name!r} must be a timezone-aware datetime, "
+                f"got {type(at).__name__} {at!r:.60}"
+            )
+        if at.utcoffset() is None:
+            raise JobValidationError(
+                f"scheduled_at for worker {name!r} must be timezone-aware (koban stores UTC), "
+                f"got {at!r}"
+            )
+        try:
+            # Stored as UTC: databases accept smaller UTC offsets than Python (PostgreSQL at
+            # most 15:59), so an offset like -23:59 must not reach them.
+            job.scheduled_at = at.astimezone(UTC)
+        except OverflowError:
+            raise JobValidationError(
+                f"scheduled_at for worker {name!r} is {at.isoformat()}, which falls outside "
+                "the years 1 to 9999 in UTC"
+            ) from None
     args = encode_json(job.args, what="args", worker=name, limit=max_args_bytes)
     meta = encode_json(job.meta, what="meta", worker=name)
     return args, meta

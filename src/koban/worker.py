@@ -18,7 +18,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from koban import backoff as _backoff
-from koban.errors import ConfigurationError
+from koban.errors import ConfigurationError, JobValidationError
 from koban.job import DEFAULT_MAX_ATTEMPTS, DEFAULT_QUEUE, Job
 
 if TYPE_CHECKING:
@@ -96,13 +96,25 @@ def build_job(
     unique: Unique | bool | None = True,
 ) -> Job:
     """An unsaved job for worker `name`, per-call options over the worker's defaults."""
+    from koban.unique import Unique
+
+    tag_list: Any = list(options.tags) if tags is None else tags
+    if isinstance(tags, list | tuple | set | frozenset):
+        tag_list = list(tags)
+    # Anything else (notably a string: list("urgent") would make six one-letter tags) is
+    # passed on as given and refused by name in validate().
+    if not (unique is None or isinstance(unique, bool | Unique)):
+        raise JobValidationError(
+            f"unique for worker {name!r} must be a koban.Unique, True (the worker's setting), "
+            f"False or None, got {unique!r:.60}"
+        )
     job = Job(
         worker=name,
         args={} if args is None else args,
         queue=options.queue if queue is None else queue,
         priority=options.priority if priority is None else priority,
         max_attempts=options.max_attempts if max_attempts is None else max_attempts,
-        tags=list(options.tags if tags is None else tags),
+        tags=tag_list,
         meta={} if meta is None else meta,
         scheduled_at=scheduled_at,
         schedule_in=schedule_in,
