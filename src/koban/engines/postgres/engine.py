@@ -297,6 +297,14 @@ class PostgresEngine(Engine):
     async def open(self) -> None:
         if self._pool is not None:
             return
+        # One direct connection first: a server that is down or a database that is not
+        # migrated is reported at once, instead of after the pool's wait for a connection.
+        try:
+            probe = await psycopg.AsyncConnection.connect(self.url, connect_timeout=10)
+        except psycopg.OperationalError as exc:
+            raise self._unavailable(exc) from None
+        async with probe:
+            self._check_version(await _run_async(self._op_version(), probe))
         pool = AsyncConnectionPool(
             self.url,
             min_size=1,
@@ -312,14 +320,6 @@ class PostgresEngine(Engine):
             await pool.close()
             raise self._unavailable(exc) from None
         self._pool = pool
-        try:
-            async with pool.connection() as conn:
-                rows = await _run_async(self._op_version(), conn)
-            self._check_version(rows)
-        except BaseException:
-            self._pool = None
-            await pool.close()
-            raise
 
     async def close(self) -> None:
         pool, self._pool = self._pool, None
@@ -333,6 +333,8 @@ class PostgresEngine(Engine):
 
     def _sync(self) -> ConnectionPool:
         if self._sync_pool is None:
+            with self._connect_sync() as probe:  # fails fast, as in `open`
+                self._check_version(_run_sync(self._op_version(), probe))
             pool = ConnectionPool(
                 self.url,
                 min_size=1,
@@ -346,8 +348,6 @@ class PostgresEngine(Engine):
             except Exception as exc:
                 pool.close()
                 raise self._unavailable(exc) from None
-            with pool.connection() as conn:
-                self._check_version(_run_sync(self._op_version(), conn))
             self._sync_pool = pool
         return self._sync_pool
 
@@ -373,11 +373,12 @@ class PostgresEngine(Engine):
     # ----- schema ---------------------------------------------------------------------------
     @staticmethod
     def _op_version() -> Op:
-        rows = yield (
-            "SELECT CASE WHEN to_regclass('koban_schema') IS NULL THEN NULL "
-            "ELSE (SELECT max(version) FROM koban_schema) END AS version",
-            {},
-        )
+        # Two statements: PostgreSQL resolves every table a statement names before running
+        # it, so one guarded by a CASE still fails on a database that was never migrated.
+        found = yield "SELECT to_regclass('koban_schema') IS NOT NULL AS present", {}
+        if not found[0]["present"]:
+            return [{"version": None}]
+        rows = yield "SELECT max(version) AS version FROM koban_schema", {}
         return rows
 
     def _check_version(self, rows: list[dict[str, Any]]) -> None:
