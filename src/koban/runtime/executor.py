@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import queue
 import threading
 import time
 import traceback
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import Executor as PoolExecutor
+from concurrent.futures import Future
 from datetime import datetime
 from typing import Any
 
@@ -26,6 +28,73 @@ from koban.worker import RegisteredWorker
 
 class UnknownWorker(Exception):
     """Raised inside an attempt whose job names a worker this node does not have."""
+
+
+_WorkItem = tuple["Future[Any]", Callable[..., Any], tuple[Any, ...], dict[str, Any]]
+
+
+class JobThreads(PoolExecutor):
+    """A thread pool for sync jobs whose threads never keep the process alive.
+
+    `concurrent.futures.ThreadPoolExecutor` joins its threads when the interpreter exits, so
+    one sync job abandoned after its timeout or after shutdown's grace would hold the process
+    until the job returned. These threads are daemons: a job still running at exit is cut
+    off, and its row stays `executing` for rescue.
+    """
+
+    def __init__(self, max_workers: int, thread_name_prefix: str = "koban-job") -> None:
+        self._max_workers = max_workers
+        self._prefix = thread_name_prefix
+        self._work: queue.SimpleQueue[_WorkItem | None] = queue.SimpleQueue()
+        self._idle = threading.Semaphore(0)
+        self._lock = threading.Lock()
+        self._threads: list[threading.Thread] = []
+        self._shutdown = False
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
+        with self._lock:
+            if self._shutdown:
+                raise RuntimeError("the node's job threads are shut down")
+            future: Future[Any] = Future()
+            self._work.put((future, fn, args, kwargs))
+            if not self._idle.acquire(blocking=False) and len(self._threads) < self._max_workers:
+                thread = threading.Thread(
+                    target=self._run, name=f"{self._prefix}_{len(self._threads)}", daemon=True
+                )
+                thread.start()
+                self._threads.append(thread)
+            return future
+
+    def _run(self) -> None:
+        while True:
+            item = self._work.get()
+            if item is None:
+                self._work.put(None)  # wake the next idle thread so it exits too
+                return
+            future, fn, args, kwargs = item
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn(*args, **kwargs))
+                except BaseException as exc:
+                    future.set_exception(exc)
+            del item, future, fn, args, kwargs
+            self._idle.release()
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        with self._lock:
+            self._shutdown = True
+            if cancel_futures:
+                while True:
+                    try:
+                        item = self._work.get_nowait()
+                    except queue.Empty:
+                        break
+                    if item is not None:
+                        item[0].cancel()
+            self._work.put(None)
+        if wait:
+            for thread in self._threads:
+                thread.join()
 
 
 def _error_entry(job: Job, exc: BaseException, at: datetime, tb: str | None) -> dict[str, Any]:

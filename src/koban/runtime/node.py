@@ -9,7 +9,6 @@ import logging
 import os
 import socket
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from typing import Any
 
@@ -17,7 +16,7 @@ from koban.clock import Clock
 from koban.engines.base import INSERT_CHANNEL, SIGNAL_CHANNEL, Engine
 from koban.plugins.base import Plugin
 from koban.runtime.acker import Acker
-from koban.runtime.executor import Executor
+from koban.runtime.executor import Executor, JobThreads
 from koban.runtime.producer import Producer
 from koban.telemetry import Telemetry
 from koban.worker import RegisteredWorker
@@ -57,7 +56,7 @@ class Node:
         self.shutdown_grace = shutdown_grace
         self.is_leader = False
         self._listening = False
-        self._threads = ThreadPoolExecutor(
+        self._threads = JobThreads(
             max_workers=max(4, sum(self.queues.values()) + 4), thread_name_prefix="koban-job"
         )
         self.executor = Executor(workers, telemetry, clock, self._threads)
