@@ -127,6 +127,23 @@ def start(app_path: str, queues: str | None, node: str | None, log_level: str) -
     run_guarded(app.run, queues=queue_map, node=node)
 
 
+@main.command()
+@click.option(
+    "--database",
+    "-d",
+    help="Run on this database instead of a fresh SQLite file in a new temporary directory.",
+)
+@click.option("--athletes", default=12, show_default=True, type=click.IntRange(2, 200))
+def demo(database: str | None, athletes: int) -> None:
+    """Run the Summer Challenge nightly Strava sync end to end, against a local stand-in."""
+    try:
+        from koban.examples.summer_challenge.demo import run_demo
+    except ImportError as exc:
+        fail(f"the demo needs koban's demo extra ({exc}); run: pip install 'koban[demo]'")
+    code = run_guarded(run_demo, database, athletes=athletes, commands=sorted(main.commands))
+    sys.exit(code)
+
+
 # ----- operating a cluster: jobs, queues, nodes, stats, dashboard ------------------------------
 # Every command takes --database or --app, prints a table for people or JSON with --json, and
 # exits with the codes listed at the top of this module.
