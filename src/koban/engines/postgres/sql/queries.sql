@@ -134,7 +134,10 @@ WITH bounds AS (
 ), completed AS (
     SELECT date_trunc('minute', j.completed_at) AS minute, count(*) AS n
     FROM koban_jobs AS j, bounds
-    WHERE j.state = 'completed' AND j.completed_at >= bounds.since
+    -- The finish-time expression of koban_jobs_finished_idx, so that index finds the rows.
+    WHERE j.state = 'completed'
+      AND (CASE j.state WHEN 'completed' THEN j.completed_at WHEN 'cancelled' THEN j.cancelled_at
+           ELSE j.discarded_at END) >= bounds.since
     GROUP BY 1
 ), failed AS (
     SELECT date_trunc('minute', (e ->> 'at')::timestamptz) AS minute, count(*) AS n
@@ -150,3 +153,216 @@ FROM minutes AS m
 LEFT JOIN completed AS c USING (minute)
 LEFT JOIN failed AS f USING (minute)
 ORDER BY m.minute;
+
+-- ----- cluster -------------------------------------------------------------------------------
+
+-- name: lock_node_registry
+-- Serialise node registrations (within the caller's transaction), so two nodes starting at
+-- once agree on when the cluster started.
+SELECT pg_advisory_xact_lock(%(key)s);
+
+-- name: heartbeat_node
+-- Register or refresh a node. A new incarnation restarts its row (started_at, control); the
+-- first registration inherits cluster_started_at from live nodes, or starts a new cluster.
+WITH t AS (
+    SELECT coalesce(%(now)s::timestamptz, now()) AS t
+), live AS (
+    SELECT min((o.meta ->> 'cluster_started_at')::timestamptz) AS started
+    FROM koban_nodes AS o, t
+    WHERE o.name <> %(name)s
+      AND o.heartbeat_at > t.t - make_interval(secs => %(live_within)s)
+      AND o.meta ? 'cluster_started_at'
+)
+INSERT INTO koban_nodes AS n (name, started_at, heartbeat_at, queues, meta)
+SELECT %(name)s, t.t, t.t, %(queues)s::jsonb,
+       %(meta)s::jsonb || jsonb_build_object('cluster_started_at', coalesce(live.started, t.t))
+FROM t, live
+ON CONFLICT (name) DO UPDATE SET
+    heartbeat_at = excluded.heartbeat_at,
+    queues = excluded.queues,
+    started_at = CASE WHEN n.meta ->> 'incarnation' IS NOT DISTINCT FROM excluded.meta ->> 'incarnation'
+                      THEN n.started_at ELSE excluded.started_at END,
+    meta = CASE WHEN n.meta ->> 'incarnation' IS NOT DISTINCT FROM excluded.meta ->> 'incarnation'
+                THEN excluded.meta || jsonb_strip_nulls(jsonb_build_object(
+                         'cluster_started_at', n.meta -> 'cluster_started_at',
+                         'control', n.meta -> 'control'))
+                ELSE excluded.meta END
+RETURNING *;
+
+-- name: remove_node
+-- A node's clean goodbye.
+DELETE FROM koban_nodes WHERE name = %(name)s;
+
+-- name: forget_nodes
+-- Drop rows of nodes silent for long (their jobs were rescued long ago).
+DELETE FROM koban_nodes
+WHERE heartbeat_at < coalesce(%(now)s::timestamptz, now()) - make_interval(secs => %(older_than)s);
+
+-- name: list_nodes
+-- Every registered node, marking the lease holder.
+SELECT n.*, (l.node IS NOT NULL) AS leader
+FROM koban_nodes AS n LEFT JOIN koban_leader AS l ON l.node = n.name
+ORDER BY n.name;
+
+-- name: acquire_leadership
+-- Take the lease if it is free or expired, or renew our own; returns a row only on success.
+WITH t AS (SELECT coalesce(%(now)s::timestamptz, now()) AS t)
+INSERT INTO koban_leader AS l (name, node, elected_at, expires_at)
+SELECT 'koban', %(node)s, t.t, t.t + make_interval(secs => %(lease)s) FROM t
+ON CONFLICT (name) DO UPDATE SET
+    node = excluded.node,
+    elected_at = CASE WHEN l.node = excluded.node THEN l.elected_at ELSE excluded.elected_at END,
+    expires_at = excluded.expires_at
+WHERE l.node = excluded.node OR l.expires_at <= excluded.elected_at
+RETURNING expires_at;
+
+-- name: resign_leadership
+-- Give the lease up at once, so another node takes over without waiting for it to expire.
+DELETE FROM koban_leader WHERE node = %(node)s RETURNING node;
+
+-- name: rescue_jobs
+-- Executing jobs whose node is dead (no recent heartbeat) or restarted since it took them go
+-- back to available, or to discarded when they have no attempt left; each rescue is recorded.
+WITH t AS (
+    SELECT coalesce(%(now)s::timestamptz, now()) AS t
+), orphans AS (
+    SELECT j.id FROM koban_jobs AS j, t
+    WHERE j.state = 'executing'
+      AND NOT EXISTS (
+          SELECT 1 FROM koban_nodes AS n
+          WHERE n.name = j.attempted_by[1]
+            AND n.heartbeat_at > t.t - make_interval(secs => %(rescue_after)s)
+            AND n.started_at <= j.attempted_at)
+    ORDER BY j.id
+    LIMIT %(limit)s
+    FOR UPDATE OF j SKIP LOCKED
+)
+UPDATE koban_jobs AS j
+SET state = CASE WHEN j.attempt >= j.max_attempts THEN 'discarded' ELSE 'available' END,
+    discarded_at = CASE WHEN j.attempt >= j.max_attempts THEN t.t ELSE j.discarded_at END,
+    scheduled_at = CASE WHEN j.attempt >= j.max_attempts THEN j.scheduled_at ELSE t.t END,
+    errors = j.errors || jsonb_build_array(jsonb_build_object(
+        'attempt', j.attempt,
+        'at', t.t,
+        'type', 'koban.Rescued',
+        'message', 'node ' || coalesce(j.attempted_by[1], '?')
+                   || ' stopped, or lost the database, while running this attempt; rescued',
+        'traceback', NULL)),
+    meta = j.meta || jsonb_build_object('rescued', coalesce((j.meta ->> 'rescued')::int, 0) + 1)
+FROM orphans, t
+WHERE j.id = orphans.id
+RETURNING j.*;
+
+-- name: prune_jobs
+-- Delete up to %(limit)s jobs of one finished state that finished before the cutoff, oldest
+-- first (koban_jobs_finished_idx serves it).
+WITH doomed AS (
+    SELECT id FROM koban_jobs
+    WHERE state = %(state)s
+      AND (CASE state WHEN 'completed' THEN completed_at WHEN 'cancelled' THEN cancelled_at
+           ELSE discarded_at END)
+          < coalesce(%(now)s::timestamptz, now()) - make_interval(secs => %(max_age)s)
+    ORDER BY (CASE state WHEN 'completed' THEN completed_at WHEN 'cancelled' THEN cancelled_at
+              ELSE discarded_at END)
+    LIMIT %(limit)s
+    FOR UPDATE SKIP LOCKED
+)
+DELETE FROM koban_jobs AS j USING doomed WHERE j.id = doomed.id;
+
+-- name: job_indexes
+-- The jobs table's indexes, and whether each is valid (a failed concurrent reindex leaves an
+-- invalid copy named *_ccnew behind).
+SELECT c.relname AS name, i.indisvalid AS valid
+FROM pg_index AS i JOIN pg_class AS c ON c.oid = i.indexrelid
+WHERE i.indrelid = 'koban_jobs'::regclass
+ORDER BY c.relname;
+
+-- name: cron_create
+-- Start tracking a cron entry (no tick inserted yet; updated_at is when counting starts).
+INSERT INTO koban_cron (name, expression, last_tick, updated_at)
+VALUES (%(name)s, %(signature)s, NULL, coalesce(%(now)s::timestamptz, now()))
+ON CONFLICT (name) DO NOTHING;
+
+-- name: cron_lock
+-- Lock a cron entry's record for the rest of the transaction.
+SELECT name, expression AS signature, last_tick, updated_at
+FROM koban_cron WHERE name = %(name)s FOR UPDATE;
+
+-- name: cron_reset
+-- The entry's schedule changed: start counting afresh.
+UPDATE koban_cron
+SET expression = %(signature)s, last_tick = NULL, updated_at = coalesce(%(now)s::timestamptz, now())
+WHERE name = %(name)s
+RETURNING name, expression AS signature, last_tick, updated_at;
+
+-- name: cron_advance
+-- Record the newest tick handled.
+UPDATE koban_cron SET last_tick = %(tick)s, updated_at = coalesce(%(now)s::timestamptz, now())
+WHERE name = %(name)s;
+
+-- name: list_cron
+-- Every tracked cron entry.
+SELECT name, expression AS signature, last_tick, updated_at FROM koban_cron ORDER BY name;
+
+-- name: control_queue
+-- Set a queue's cluster-wide settings; only the flagged ones change.
+INSERT INTO koban_queues AS q (name, paused, "limit", updated_at)
+VALUES (%(queue)s, coalesce(%(paused)s, false), %(limit)s, coalesce(%(now)s::timestamptz, now()))
+ON CONFLICT (name) DO UPDATE SET
+    paused = CASE WHEN %(set_paused)s THEN excluded.paused ELSE q.paused END,
+    "limit" = CASE WHEN %(set_limit)s THEN excluded."limit" ELSE q."limit" END,
+    updated_at = excluded.updated_at;
+
+-- name: clear_node_control
+-- Drop the per-node settings of one queue's key on every node (a cluster-wide change wins).
+UPDATE koban_nodes SET meta = meta #- ARRAY['control', %(queue)s::text, %(key)s::text]
+WHERE meta -> 'control' -> %(queue)s::text ? %(key)s::text;
+
+-- name: control_node_queue
+-- Set or remove per-node settings of one queue in the node's row.
+UPDATE koban_nodes
+SET meta = jsonb_set(meta, '{control}', coalesce(meta -> 'control', '{}'::jsonb)
+    || jsonb_build_object(%(queue)s::text,
+           (coalesce(meta -> 'control' -> %(queue)s::text, '{}'::jsonb) || %(set)s::jsonb)
+           - %(unset)s::text[]))
+WHERE name = %(node)s
+RETURNING name;
+
+-- name: queue_settings
+-- Cluster-wide queue settings.
+SELECT name, paused, "limit" FROM koban_queues ORDER BY name;
+
+-- name: replace_job
+-- On a unique conflict, update the chosen fields of the existing job while it has not started
+-- (available, scheduled, retryable); a new scheduled_at also moves it between available and
+-- scheduled, and a job made available wakes its queue.
+WITH t AS (
+    SELECT coalesce(%(now)s::timestamptz, now()) AS t
+), new AS (
+    SELECT t.t, coalesce(%(scheduled_at)s::timestamptz,
+                         t.t + make_interval(secs => coalesce(%(schedule_in)s, 0))) AS run_at
+    FROM t
+), updated AS (
+    UPDATE koban_jobs AS j SET
+        args = CASE WHEN 'args' = ANY(%(fields)s::text[]) THEN %(args)s::jsonb ELSE j.args END,
+        meta = CASE WHEN 'meta' = ANY(%(fields)s::text[]) THEN %(meta)s::jsonb ELSE j.meta END,
+        tags = CASE WHEN 'tags' = ANY(%(fields)s::text[]) THEN %(tags)s::text[] ELSE j.tags END,
+        priority = CASE WHEN 'priority' = ANY(%(fields)s::text[]) THEN %(priority)s::smallint
+                        ELSE j.priority END,
+        max_attempts = CASE WHEN 'max_attempts' = ANY(%(fields)s::text[])
+                            THEN %(max_attempts)s::integer ELSE j.max_attempts END,
+        queue = CASE WHEN 'queue' = ANY(%(fields)s::text[]) THEN %(queue)s::text ELSE j.queue END,
+        scheduled_at = CASE WHEN 'scheduled_at' = ANY(%(fields)s::text[]) THEN new.run_at
+                            ELSE j.scheduled_at END,
+        state = CASE WHEN 'scheduled_at' = ANY(%(fields)s::text[])
+                          AND j.state IN ('available', 'scheduled')
+                     THEN CASE WHEN new.run_at > new.t THEN 'scheduled' ELSE 'available' END
+                     ELSE j.state END
+    FROM new
+    WHERE j.id = %(id)s AND j.state IN ('available', 'scheduled', 'retryable')
+    RETURNING j.*
+), woken AS (
+    SELECT count(pg_notify('koban_insert', json_build_object('queue', queue)::text)) AS n
+    FROM updated WHERE state = 'available'
+)
+SELECT updated.* FROM updated, woken;
