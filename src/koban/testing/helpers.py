@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar
 from koban.engines.base import Ack, Engine, JobFilter, create_engine
 from koban.errors import ConfigurationError, UnknownWorkerError
 from koban.job import PENDING_STATES, Job, JobState, validate
-from koban.runtime.executor import Executor
+from koban.runtime.executor import Executor, JobThreads
 from koban.worker import FunctionWorker, RegisteredWorker, Worker
 
 if TYPE_CHECKING:
@@ -129,7 +129,7 @@ class KobanTesting:
         self.app = app
         self._mode: str = "manual"
         self._saved: dict[str, Any] = {}
-        self._threads = ThreadPoolExecutor(max_workers=4, thread_name_prefix="koban-testing-job")
+        self._threads = JobThreads(max_workers=8, thread_name_prefix="koban-testing-job")
         self.mode = mode
 
     # ----- modes ----------------------------------------------------------------------------
