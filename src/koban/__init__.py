@@ -2,7 +2,8 @@
 
 from koban.app import Koban
 from koban.clock import Clock, FrozenClock
-from koban.engines.base import JobFilter
+from koban.cron import Cron, CronEntryInfo
+from koban.engines.base import JobFilter, NodeInfo, QueueState
 from koban.errors import (
     ConfigurationError,
     DatabaseError,
@@ -12,18 +13,28 @@ from koban.errors import (
     KobanError,
     SchemaNotMigratedError,
     SchemaTooNewError,
+    UnknownNodeError,
     UnknownQueueError,
     UnknownWorkerError,
 )
 from koban.job import Cancel, Discard, Job, JobState, Snooze
+from koban.plugins.heartbeat import Heartbeat
+from koban.plugins.lifeline import Lifeline
+from koban.plugins.pruner import Pruner
+from koban.plugins.reindexer import Reindexer
+from koban.plugins.scheduler import Scheduler
+from koban.plugins.stager import Stager
+from koban.runtime.leadership import Leadership
 from koban.unique import Unique
 from koban.worker import Worker
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Cancel", "Clock", "ConfigurationError", "DatabaseError", "DatabaseUnavailableError",
-    "Discard", "FrozenClock", "Job", "JobFilter", "JobState", "JobTimeoutError",
-    "JobValidationError", "Koban", "KobanError", "SchemaNotMigratedError", "SchemaTooNewError",
-    "Snooze", "Unique", "UnknownQueueError", "UnknownWorkerError", "Worker", "__version__",
+    "Cancel", "Clock", "ConfigurationError", "Cron", "CronEntryInfo", "DatabaseError",
+    "DatabaseUnavailableError", "Discard", "FrozenClock", "Heartbeat", "Job", "JobFilter",
+    "JobState", "JobTimeoutError", "JobValidationError", "Koban", "KobanError", "Leadership",
+    "Lifeline", "NodeInfo", "Pruner", "QueueState", "Reindexer", "Scheduler",
+    "SchemaNotMigratedError", "SchemaTooNewError", "Snooze", "Stager", "Unique",
+    "UnknownNodeError", "UnknownQueueError", "UnknownWorkerError", "Worker", "__version__",
 ]  # fmt: skip

@@ -19,11 +19,26 @@ from datetime import datetime
 from typing import Any, TypeVar, overload
 
 from koban.clock import Clock
-from koban.engines.base import INSERT_CHANNEL, SIGNAL_CHANNEL, Engine, JobFilter, create_engine
-from koban.errors import ConfigurationError, UnknownWorkerError
+from koban.cron import Cron, CronEntryInfo, check_entries
+from koban.engines.base import (
+    INSERT_CHANNEL,
+    SIGNAL_CHANNEL,
+    Engine,
+    JobFilter,
+    NodeInfo,
+    QueueState,
+    create_engine,
+)
+from koban.errors import ConfigurationError, UnknownNodeError, UnknownWorkerError
 from koban.job import DEFAULT_MAX_ARGS_BYTES, Job, validate
 from koban.plugins.base import Plugin
+from koban.plugins.heartbeat import Heartbeat
+from koban.plugins.lifeline import Lifeline
+from koban.plugins.pruner import Pruner
+from koban.plugins.reindexer import Reindexer
+from koban.plugins.scheduler import Scheduler, check_job
 from koban.plugins.stager import Stager
+from koban.runtime.leadership import Leadership
 from koban.runtime.node import Node
 from koban.telemetry import Telemetry
 from koban.unique import unique_key
@@ -83,6 +98,7 @@ class Koban:
         shutdown_grace: float = 15.0,
         max_args_bytes: int | None = DEFAULT_MAX_ARGS_BYTES,
         engine: Engine | None = None,
+        cron: Sequence[Cron] | None = None,
     ) -> None:
         url = database or os.environ.get("KOBAN_DATABASE_URL")
         self.engine = engine or create_engine(url)
@@ -103,6 +119,8 @@ class Koban:
         self.telemetry = Telemetry()
         self.workers: dict[str, RegisteredWorker] = {}
         self.extra_plugins: list[Plugin] = list(plugins or [])
+        #: Cron entries: jobs the leader inserts on a schedule (see `koban.Cron`).
+        self.cron: list[Cron] = check_entries(cron or [])
         self.node: Node | None = None
         self._opened = False
 
@@ -154,6 +172,8 @@ class Koban:
                 raise TypeError(
                     f"enqueue_many takes jobs built with Worker.new(...), got {type(job).__name__}"
                 )
+            # Subscribers may add to job.meta here (tracing carries its context this way).
+            self.telemetry.emit("job:enqueue", job=job)
             validate(job, max_args_bytes=self.max_args_bytes)
             if job.unique is not None:
                 job.unique_key = unique_key(job, job.unique, now)
@@ -254,6 +274,133 @@ class Koban:
     async def adelete_job(self, job_id: int) -> bool:
         return bool(await self.adelete_jobs(JobFilter(ids=[job_id])))
 
+    # ----- runtime control across nodes -----------------------------------------------------
+    def _signal(self, payload: dict[str, Any], node: str | None) -> dict[str, Any]:
+        if node is not None:
+            payload["node"] = node
+        if self.node is not None:
+            # This process's own node need not wait for the notification to come back.
+            self.node.handle_signal(payload)
+        return payload
+
+    @staticmethod
+    def _check_queue_name(queue: str) -> None:
+        if not isinstance(queue, str) or not queue.strip():
+            raise ConfigurationError(f"queue must be a non-empty string, got {queue!r}")
+
+    @staticmethod
+    def _check_limit(queue: str, limit: int | None) -> None:
+        if limit is not None and (
+            isinstance(limit, bool) or not isinstance(limit, int) or limit < 0
+        ):
+            raise ConfigurationError(
+                f"scale_queue({queue!r}): limit must be a whole number of slots (0 or more) or "
+                f"None for each node's configured slots, got {limit!r}"
+            )
+
+    def _control(
+        self, queue: str, changes: dict[str, Any], node: str | None, action: dict[str, Any]
+    ) -> None:
+        self._check_queue_name(queue)
+        if not self.engine.control_queue_sync(queue, changes, node=node, now=self._now()):
+            raise UnknownNodeError(
+                f"no node named {node!r} is registered; see app.list_nodes() for the live ones"
+            )
+        self.engine.notify_sync(SIGNAL_CHANNEL, self._signal(action, node))
+
+    async def _acontrol(
+        self, queue: str, changes: dict[str, Any], node: str | None, action: dict[str, Any]
+    ) -> None:
+        self._check_queue_name(queue)
+        await self._ensure_open()
+        if not await self.engine.control_queue(queue, changes, node=node, now=self._now()):
+            raise UnknownNodeError(
+                f"no node named {node!r} is registered; see app.list_nodes() for the live ones"
+            )
+        await self.engine.notify(SIGNAL_CHANNEL, self._signal(action, node))
+
+    def pause_queue(self, queue: str, *, node: str | None = None) -> None:
+        """Stop fetching jobs of `queue` on every node, or only on `node`; running jobs finish.
+
+        Stored in the database: nodes started later stay paused until `resume_queue`.
+        """
+        self._control(queue, {"paused": True}, node, {"action": "pause", "queue": queue})
+
+    async def apause_queue(self, queue: str, *, node: str | None = None) -> None:
+        await self._acontrol(queue, {"paused": True}, node, {"action": "pause", "queue": queue})
+
+    def resume_queue(self, queue: str, *, node: str | None = None) -> None:
+        """Fetch jobs of `queue` again, on every node or only on `node`."""
+        self._control(queue, {"paused": False}, node, {"action": "resume", "queue": queue})
+
+    async def aresume_queue(self, queue: str, *, node: str | None = None) -> None:
+        await self._acontrol(queue, {"paused": False}, node, {"action": "resume", "queue": queue})
+
+    def scale_queue(self, queue: str, limit: int | None, *, node: str | None = None) -> None:
+        """Run up to `limit` jobs of `queue` at once on each node (or only on `node`).
+
+        None goes back to each node's configured slots. Stored in the database like a pause.
+        """
+        self._check_limit(queue, limit)
+        action = {"action": "scale", "queue": queue, "limit": limit}
+        self._control(queue, {"limit": limit}, node, action)
+
+    async def ascale_queue(self, queue: str, limit: int | None, *, node: str | None = None) -> None:
+        self._check_limit(queue, limit)
+        action = {"action": "scale", "queue": queue, "limit": limit}
+        await self._acontrol(queue, {"limit": limit}, node, action)
+
+    def list_nodes(self) -> list[NodeInfo]:
+        """Every registered node: its queues as last reported, heartbeat, and which one leads."""
+        return self.engine.list_nodes_sync()
+
+    async def alist_nodes(self) -> list[NodeInfo]:
+        await self._ensure_open()
+        return await self.engine.list_nodes()
+
+    def _queue_states(
+        self, settings: Mapping[str, QueueState], counts: Mapping[str, Mapping[str, int]]
+    ) -> list[QueueState]:
+        names = sorted(set(self.queues) | set(settings) | set(counts))
+        out = []
+        for name in names:
+            setting = settings.get(name)
+            out.append(
+                QueueState(
+                    name=name,
+                    paused=setting.paused if setting else False,
+                    limit=setting.limit if setting else None,
+                    counts=dict(counts.get(name, {})),
+                )
+            )
+        return out
+
+    def queue_states(self) -> list[QueueState]:
+        """Every queue configured here, set at runtime or holding jobs: its cluster-wide
+        settings (`limit` None: each node's configured slots) and job counts by state."""
+        return self._queue_states(
+            self.engine.queue_settings_sync(), self.engine.count_by_queue_and_state_sync()
+        )
+
+    async def aqueue_states(self) -> list[QueueState]:
+        await self._ensure_open()
+        return self._queue_states(
+            await self.engine.queue_settings(), await self.engine.count_by_queue_and_state()
+        )
+
+    def _cron_entries(self, records: Sequence[Any]) -> list[CronEntryInfo]:
+        by_name = {r.name: r for r in records}
+        now = self.clock.now()
+        return [entry.info(now, by_name.get(entry.name)) for entry in self.cron]
+
+    def cron_entries(self) -> list[CronEntryInfo]:
+        """Every cron entry with its next run (in its own zone and UTC) and last inserted tick."""
+        return self._cron_entries(self.engine.list_cron_sync())
+
+    async def acron_entries(self) -> list[CronEntryInfo]:
+        await self._ensure_open()
+        return self._cron_entries(await self.engine.list_cron())
+
     # ----- running --------------------------------------------------------------------------
     async def _ensure_open(self) -> None:
         if not self._opened:
@@ -273,8 +420,39 @@ class Koban:
         self.engine.close_sync()
 
     def plugins(self) -> list[Plugin]:
-        """The plugins a node of this app runs."""
-        return [Stager(), *self.extra_plugins]
+        """The plugins a node of this app runs: the defaults, each replaced by a plugin of the
+        same class given in `plugins=`, then the other given plugins."""
+        defaults: list[Plugin] = [Stager()]
+        # TODO(cluster): drop this check once every engine implements the cluster methods.
+        if type(self.engine).heartbeat is not Engine.heartbeat:
+            defaults += [Heartbeat(), Leadership(), Lifeline(), Pruner(), Reindexer(), Scheduler()]
+        chosen: list[Plugin] = []
+        for default in defaults:
+            given = [p for p in self.extra_plugins if isinstance(p, type(default))]
+            chosen.append(given[0] if given else default)
+        chosen += [p for p in self.extra_plugins if p not in chosen]
+        heartbeat = next((p for p in chosen if isinstance(p, Heartbeat)), Heartbeat())
+        lifeline = next((p for p in chosen if isinstance(p, Lifeline)), Lifeline())
+        if lifeline.rescue_after < 2 * heartbeat.interval:
+            raise ConfigurationError(
+                f"Lifeline rescue_after ({lifeline.rescue_after} s) must be at least twice the "
+                f"Heartbeat interval ({heartbeat.interval} s), or live nodes' jobs get rescued"
+            )
+        return chosen
+
+    def _resolve_cron(self) -> list[tuple[Cron, RegisteredWorker]]:
+        """Each cron entry with its registered worker; raise naming an entry that cannot run."""
+        resolved = []
+        for entry in self.cron:
+            try:
+                worker = self.resolve_worker(
+                    entry.worker if isinstance(entry.worker, str) else entry.worker_name
+                )
+            except UnknownWorkerError as exc:
+                raise UnknownWorkerError(f"cron entry {entry.name!r}: {exc}") from None
+            check_job(entry, worker, self.max_args_bytes)
+            resolved.append((entry, worker))
+        return resolved
 
     async def start(
         self, *, queues: Mapping[str, int] | None = None, node: str | None = None
@@ -282,19 +460,25 @@ class Koban:
         """Start a node in the running event loop; returns once it is fetching."""
         if self.node is not None:
             return self.node
+        plugins = self.plugins()
+        entries = self._resolve_cron()
+        for plugin in plugins:
+            if isinstance(plugin, Scheduler):
+                plugin.use(entries)
         await self._ensure_open()
-        self.node = Node(
+        new = Node(
             engine=self.engine,
             workers=self.workers,
             queues=queues if queues is not None else self.queues,
             telemetry=self.telemetry,
             clock=self.clock,
-            plugins=self.plugins(),
+            plugins=plugins,
             name=node or self.node_name,
             shutdown_grace=self.shutdown_grace,
         )
-        await self.node.start()
-        return self.node
+        await new.start()
+        self.node = new
+        return new
 
     async def stop(self, grace: float | None = None) -> None:
         node, self.node = self.node, None

@@ -41,3 +41,7 @@ class SchemaTooNewError(DatabaseError):
 
 class JobTimeoutError(KobanError, TimeoutError):
     """A job ran longer than its worker's timeout."""
+
+
+class UnknownNodeError(KobanError, LookupError):
+    """A node name does not match any registered node."""

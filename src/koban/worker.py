@@ -79,6 +79,13 @@ def check_options(name: str, options: WorkerOptions) -> None:
             f"worker {name!r}: executor must be one of {', '.join(EXECUTORS)}, "
             f"got {options.executor!r}"
         )
+    from koban.unique import Unique
+
+    if options.unique is not None and not isinstance(options.unique, Unique):
+        raise ConfigurationError(
+            f"worker {name!r}: unique must be a koban.Unique(...) or None, "
+            f"got {options.unique!r:.60}"
+        )
 
 
 def build_job(
@@ -94,8 +101,15 @@ def build_job(
     schedule_in: float | None = None,
     scheduled_at: datetime | None = None,
     unique: Unique | bool | None = True,
+    replace: tuple[str, ...] | list[str] | None = None,
 ) -> Job:
-    """An unsaved job for worker `name`, per-call options over the worker's defaults."""
+    """An unsaved job for worker `name`, per-call options over the worker's defaults.
+
+    `unique` is the worker's setting (True), another `koban.Unique`, or False/None for none;
+    `replace` names fields of an existing duplicate to update from this job on conflict.
+    """
+    import dataclasses
+
     from koban.unique import Unique
 
     tag_list: Any = list(options.tags) if tags is None else tags
@@ -120,6 +134,16 @@ def build_job(
         schedule_in=schedule_in,
     )
     job.unique = options.unique if unique is True else (unique or None)
+    if replace is not None:
+        if job.unique is None:
+            raise JobValidationError(
+                f"replace= for worker {name!r} needs a unique job: pass unique=koban.Unique(...) "
+                "or set unique on the worker"
+            )
+        try:
+            job.unique = dataclasses.replace(job.unique, replace=tuple(replace))
+        except ConfigurationError as exc:
+            raise JobValidationError(f"worker {name!r}: {exc}") from None
     return job
 
 

@@ -10,7 +10,7 @@ the wall clock) and set by tests that inject a clock.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, ClassVar
@@ -77,6 +77,42 @@ class Throughput:
     minute: datetime
     completed: int
     failed: int
+
+
+@dataclass(slots=True)
+class NodeInfo:
+    """A node as registered in `koban_nodes`.
+
+    `queues` is what the node reports at each heartbeat: {queue: {"limit", "paused",
+    "running"}}. `meta` holds `incarnation` (one id per process start), `cluster_started_at`
+    (ISO time the cluster this node joined was started) and `control` (per-node queue settings
+    made with `pause_queue(..., node=...)` and the like).
+    """
+
+    name: str
+    started_at: datetime | None = None
+    heartbeat_at: datetime | None = None
+    queues: dict[str, Any] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
+    #: True on the node that holds the leadership lease (filled in by `list_nodes`).
+    leader: bool = False
+
+
+@dataclass(slots=True)
+class CronRecord:
+    """The stored state of one cron entry."""
+
+    name: str
+    #: The entry's schedule ("expression zone"); a changed one starts the entry afresh.
+    signature: str
+    #: The newest tick inserted, or None if none was yet.
+    last_tick: datetime | None
+    #: When the entry was first seen or its schedule last changed, else its last insert.
+    updated_at: datetime
+
+
+#: Given an entry's locked record, the jobs to insert and the new last tick (None: unchanged).
+CronPlan = Callable[[CronRecord], tuple[Sequence[Job], datetime | None]]
 
 
 @dataclass(slots=True)
@@ -236,6 +272,135 @@ class Engine(ABC):
         `on_state(True/False)` is called when delivery starts working or stops working, so
         producers can fall back to polling while it is down.
         """
+
+    # ----- cluster --------------------------------------------------------------------------
+    # Plain methods until every engine implements them; then they become abstract.
+
+    async def heartbeat(
+        self, node: NodeInfo, live_within: float, now: datetime | None = None
+    ) -> NodeInfo:
+        """Register or refresh `node` (its queues, heartbeat_at) and return the stored row.
+
+        A new incarnation (`meta["incarnation"]` differs from the stored one) restarts the row:
+        started_at is now and per-node control is cleared. On first registration,
+        `meta["cluster_started_at"]` is inherited from the nodes whose heartbeat is younger
+        than `live_within` seconds, or is now when there is none; registrations are serialised
+        so two nodes starting together agree on it. Later heartbeats keep it and `control`.
+        """
+        raise NotImplementedError(f"{type(self).__name__} does not implement heartbeat")
+
+    async def remove_node(self, name: str) -> None:
+        """Delete the node's row (a clean stop)."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement remove_node")
+
+    async def forget_nodes(self, older_than: float, now: datetime | None = None) -> int:
+        """Delete rows of nodes silent for more than `older_than` seconds; return how many."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement forget_nodes")
+
+    def list_nodes_sync(self) -> list[NodeInfo]:
+        """Every registered node, by name, with `leader` set on the lease holder's row."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement list_nodes_sync")
+
+    async def list_nodes(self) -> list[NodeInfo]:
+        raise NotImplementedError(f"{type(self).__name__} does not implement list_nodes")
+
+    async def acquire_leadership(
+        self, node: str, lease: float, now: datetime | None = None
+    ) -> datetime | None:
+        """Take or renew the leadership lease for `lease` seconds; return its expiry or None.
+
+        Succeeds when no lease exists, the lease is `node`'s own, or it has expired; atomic,
+        so at most one node holds an unexpired lease.
+        """
+        raise NotImplementedError(f"{type(self).__name__} does not implement acquire_leadership")
+
+    async def resign_leadership(self, node: str) -> bool:
+        """Give up the lease if `node` holds it; True if it did."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement resign_leadership")
+
+    async def rescue_jobs(
+        self, rescue_after: float, limit: int, now: datetime | None = None
+    ) -> list[Job]:
+        """Return orphaned executing jobs to `available` (or `discarded` when out of attempts).
+
+        An executing job is orphaned when its node (`attempted_by[0]`) has no heartbeat younger
+        than `rescue_after` seconds, or its node's current incarnation started after the job
+        was attempted. Each rescue appends an error entry of type `koban.Rescued` and counts
+        `meta["rescued"]`. At most `limit` jobs per call; returns them as updated.
+        """
+        raise NotImplementedError(f"{type(self).__name__} does not implement rescue_jobs")
+
+    async def prune_jobs(
+        self, max_age: Mapping[str, float], limit: int, now: datetime | None = None
+    ) -> int:
+        """Delete at most `limit` jobs finished longer ago than `max_age[state]` seconds.
+
+        Only the finished states named in `max_age` are pruned. Returns how many were deleted.
+        """
+        raise NotImplementedError(f"{type(self).__name__} does not implement prune_jobs")
+
+    async def reindex(self) -> list[str]:
+        """Rebuild the job table's indexes without blocking writes; return the ones rebuilt.
+
+        Engines without a need (or a way) to do this return an empty list.
+        """
+        return []
+
+    async def insert_cron_jobs(
+        self, name: str, signature: str, plan: CronPlan, now: datetime | None = None
+    ) -> list[Job]:
+        """Insert one cron entry's due jobs exactly once, whoever else tries at the same time.
+
+        In one transaction: create the entry's record if missing (reset it if `signature`
+        changed), lock it, call `plan(record)`, insert the jobs it returns and record its new
+        last tick. Returns the jobs as stored (conflicts marked as for `insert`).
+        """
+        raise NotImplementedError(f"{type(self).__name__} does not implement insert_cron_jobs")
+
+    def list_cron_sync(self) -> list[CronRecord]:
+        """Every stored cron entry, by name."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement list_cron_sync")
+
+    async def list_cron(self) -> list[CronRecord]:
+        raise NotImplementedError(f"{type(self).__name__} does not implement list_cron")
+
+    def control_queue_sync(
+        self,
+        queue: str,
+        changes: Mapping[str, Any],
+        node: str | None = None,
+        now: datetime | None = None,
+    ) -> bool:
+        """Persist runtime settings of `queue`: `changes` holds "paused" (bool) and/or "limit".
+
+        Without `node`, for the whole cluster (in `koban_queues`; "limit": None means each
+        node's configured slots) and any per-node setting of the same keys is cleared. With
+        `node`, for that node only (in its row's `meta["control"]`; None removes the setting);
+        returns False if no such node is registered.
+        """
+        raise NotImplementedError(f"{type(self).__name__} does not implement control_queue_sync")
+
+    async def control_queue(
+        self,
+        queue: str,
+        changes: Mapping[str, Any],
+        node: str | None = None,
+        now: datetime | None = None,
+    ) -> bool:
+        raise NotImplementedError(f"{type(self).__name__} does not implement control_queue")
+
+    def queue_settings_sync(self) -> dict[str, QueueState]:
+        """The cluster-wide settings of every queue that has any (counts left empty)."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement queue_settings_sync")
+
+    async def queue_settings(self) -> dict[str, QueueState]:
+        raise NotImplementedError(f"{type(self).__name__} does not implement queue_settings")
+
+    def count_by_queue_and_state_sync(self) -> dict[str, dict[str, int]]:
+        """Sync twin of `count_by_queue_and_state`."""
+        raise NotImplementedError(
+            f"{type(self).__name__} does not implement count_by_queue_and_state_sync"
+        )
 
     #: Seconds between polls when notifications cannot be relied on.
     poll_interval: float = 1.0

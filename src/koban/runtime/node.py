@@ -13,10 +13,11 @@ from datetime import datetime
 from typing import Any
 
 from koban.clock import Clock
-from koban.engines.base import INSERT_CHANNEL, SIGNAL_CHANNEL, Engine
+from koban.engines.base import INSERT_CHANNEL, SIGNAL_CHANNEL, Engine, QueueState
 from koban.plugins.base import Plugin
 from koban.runtime.acker import Acker
 from koban.runtime.executor import Executor, JobThreads
+from koban.runtime.leadership import RESIGNED, Leadership
 from koban.runtime.producer import Producer
 from koban.telemetry import Telemetry
 from koban.worker import RegisteredWorker
@@ -27,9 +28,21 @@ log = logging.getLogger("koban.node")
 HEALTHY_POLL = 10.0
 
 
+#: Default names taken by nodes of this process, so two apps in one process never share one.
+_DEFAULT_NAMES: set[str] = set()
+#: How long a silent node still counts as alive when no Lifeline says otherwise.
+DEFAULT_LIVE_WITHIN = 30.0
+
+
 def default_node_name() -> str:
-    """host.pid: unique for every process on every machine."""
-    return f"{socket.gethostname()}.{os.getpid()}"
+    """host.pid: unique for every process on every machine (host.pid.2, ... for further nodes
+    in the same process)."""
+    base = f"{socket.gethostname()}.{os.getpid()}"
+    name, n = base, 1
+    while name in _DEFAULT_NAMES:
+        n += 1
+        name = f"{base}.{n}"
+    return name
 
 
 class Node:
@@ -48,13 +61,29 @@ class Node:
         shutdown_grace: float = 15.0,
     ) -> None:
         self.engine = engine
+        self._default_name = name is None
         self.name = name or default_node_name()
+        if self._default_name:
+            _DEFAULT_NAMES.add(self.name)
         self.queues = dict(queues)
         self.telemetry = telemetry
         self.clock = clock
         self.plugins = list(plugins)
         self.shutdown_grace = shutdown_grace
-        self.is_leader = False
+        self._leadership = next((p for p in self.plugins if isinstance(p, Leadership)), None)
+        self._leader_flag = False
+        #: When the cluster this node belongs to was started (set by the heartbeat).
+        self.cluster_started_at: datetime | None = None
+        #: Seconds a silent node still counts as alive: the Lifeline's rescue window.
+        self.live_within = next(
+            (float(p.rescue_after) for p in self.plugins if hasattr(p, "rescue_after")),
+            DEFAULT_LIVE_WITHIN,
+        )
+        #: Ids of jobs still running when the last stop ran out of grace.
+        self.abandoned: list[int] = []
+        # Runtime settings from the database: cluster-wide per queue, and this node's own.
+        self._queue_settings: dict[str, QueueState] = {}
+        self._queue_overrides: dict[str, dict[str, Any]] = {}
         self._listening = False
         self._threads = JobThreads(
             max_workers=max(4, sum(self.queues.values()) + 4), thread_name_prefix="koban-job"
@@ -74,6 +103,82 @@ class Node:
     def poll_interval(self) -> float:
         return HEALTHY_POLL if self._listening else self.engine.poll_interval
 
+    # ----- leadership -----------------------------------------------------------------------
+    @property
+    def is_leader(self) -> bool:
+        """True while this node holds the cluster's leadership lease."""
+        if self._leadership is not None:
+            return self._leadership.is_leader
+        return self._leader_flag
+
+    @is_leader.setter
+    def is_leader(self, value: bool) -> None:
+        # For nodes run without a Leadership plugin (single-node setups and tests).
+        self._leader_flag = value
+
+    # ----- runtime control ------------------------------------------------------------------
+    def _effective(self, queue: str) -> tuple[bool, int]:
+        """(paused, slots) for `queue`: this node's setting, else the cluster's, else config."""
+        setting = self._queue_settings.get(queue)
+        override = self._queue_overrides.get(queue, {})
+        paused = override.get("paused", setting.paused if setting else False)
+        limit = override.get("limit")
+        if not isinstance(limit, int):
+            limit = setting.limit if setting and setting.limit is not None else self.queues[queue]
+        return bool(paused), max(0, int(limit))
+
+    def apply_control(
+        self, settings: Mapping[str, QueueState], overrides: Mapping[str, Mapping[str, Any]]
+    ) -> None:
+        """Adopt the queue settings stored in the database (see `Heartbeat`)."""
+        self._queue_settings = dict(settings)
+        self._queue_overrides = {q: dict(v) for q, v in overrides.items() if isinstance(v, Mapping)}
+        for queue, producer in self.producers.items():
+            paused, limit = self._effective(queue)
+            if paused and not producer.paused:
+                log.info("queue %r on node %s paused", queue, self.name)
+                producer.pause()
+            elif not paused and producer.paused:
+                log.info("queue %r on node %s resumed", queue, self.name)
+                producer.resume()
+            if producer.limit != limit:
+                log.info("queue %r on node %s scaled to %d slot(s)", queue, self.name, limit)
+                producer.scale(limit)
+
+    def queue_report(self) -> dict[str, dict[str, Any]]:
+        """What the heartbeat publishes: each queue's slots, paused flag and running jobs."""
+        report: dict[str, dict[str, Any]] = {}
+        for queue, configured in self.queues.items():
+            producer = self.producers.get(queue)
+            if producer is None:
+                paused, limit = self._effective(queue)
+                running = 0
+            else:
+                paused, limit, running = producer.paused, producer.limit, len(producer.running)
+            report[queue] = {
+                "limit": limit,
+                "paused": paused,
+                "running": running,
+                "configured": configured,
+            }
+        return report
+
+    def running_job_attempts(self) -> dict[int, int]:
+        """{job id: attempt} of every job running on this node."""
+        return {
+            job_id: job.attempt
+            for producer in self.producers.values()
+            for job_id, (job, _task) in producer.running.items()
+        }
+
+    def cancel_local(self, job_id: int, attempt: int | None = None) -> bool:
+        """Stop a job running here (only that attempt, if given); False if it is not running."""
+        for producer in self.producers.values():
+            entry = producer.running.get(job_id)
+            if entry is not None and (attempt is None or entry[0].attempt == attempt):
+                return producer.cancel(job_id)
+        return False
+
     # ----- lifecycle ------------------------------------------------------------------------
     async def start(self) -> None:
         if self._started:
@@ -87,14 +192,24 @@ class Node:
                 name="koban-listener",
             )
         )
-        for plugin in self.plugins:
-            self._tasks.append(
-                loop.create_task(self._run_plugin(plugin), name=f"koban-{plugin.name}")
-            )
-        for queue, limit in self.queues.items():
+        try:
+            # Before the first fetch: the heartbeat registers the node (so its jobs are never
+            # taken for a dead node's) and loads the queues' runtime settings.
+            for plugin in self.plugins:
+                await plugin.start(self)
+        except BaseException:
+            for task in self._tasks:
+                task.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+            self._tasks.clear()
+            self._started = False
+            raise
+        for queue in self.queues:
+            paused, limit = self._effective(queue)
             producer = Producer(
                 queue=queue,
                 limit=limit,
+                paused=paused,
                 node=self.name,
                 engine=self.engine,
                 executor=self.executor,
@@ -105,6 +220,10 @@ class Node:
             self.producers[queue] = producer
             self._producer_tasks.append(
                 loop.create_task(producer.run(), name=f"koban-producer-{queue}")
+            )
+        for plugin in self.plugins:
+            self._tasks.append(
+                loop.create_task(self._run_plugin(plugin), name=f"koban-{plugin.name}")
             )
         log.info(
             "node %s started: %s",
@@ -121,6 +240,11 @@ class Node:
         if not self._started:
             return
         grace = self.shutdown_grace if grace is None else grace
+        for plugin in self.plugins:
+            try:
+                await plugin.stopping(self)
+            except Exception:
+                log.exception("plugin %s failed as node %s began to stop", plugin.name, self.name)
         for producer in self.producers.values():
             producer.stop_fetching()
         await asyncio.gather(*self._producer_tasks, return_exceptions=True)
@@ -131,6 +255,7 @@ class Node:
         abandoned: list[int] = []
         for producer in self.producers.values():
             abandoned += await producer.abandon()
+        self.abandoned = abandoned
         if abandoned:
             log.warning(
                 "node %s stopped with %d job(s) still running after %.1f s of grace: %s; "
@@ -152,6 +277,13 @@ class Node:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
         self._producer_tasks.clear()
+        for plugin in reversed(self.plugins):
+            try:
+                await plugin.stop(self)
+            except Exception:
+                log.exception("plugin %s failed as node %s stopped", plugin.name, self.name)
+        if self._default_name:
+            _DEFAULT_NAMES.discard(self.name)
         self._threads.shutdown(wait=False, cancel_futures=True)
         self._started = False
         log.info("node %s stopped", self.name)
@@ -183,6 +315,10 @@ class Node:
         if target is not None and target != self.name:
             return
         action = payload.get("action")
+        if action == RESIGNED:
+            if self._leadership is not None and payload.get("from") != self.name:
+                self._leadership.wake()
+            return
         queue = payload.get("queue")
         producers = (
             [self.producers[queue]]
@@ -195,13 +331,15 @@ class Node:
         elif action == "resume":
             for p in producers:
                 p.resume()
-        elif action == "scale" and isinstance(payload.get("limit"), int):
+        elif action == "scale":
+            limit = payload.get("limit")
             for p in producers:
-                p.scale(payload["limit"])
+                # None: back to this node's configured slots.
+                p.scale(limit if isinstance(limit, int) else self.queues.get(p.queue, p.limit))
         elif action == "cancel":
             for job_id in payload.get("job_ids", []):
-                for p in self.producers.values():
-                    p.cancel(job_id)
+                if isinstance(job_id, int):
+                    self.cancel_local(job_id)
 
     # ----- plugins --------------------------------------------------------------------------
     async def _run_plugin(self, plugin: Plugin) -> None:
@@ -228,7 +366,7 @@ class Node:
                             plugin.interval,
                         )
                     failing = True
-            await asyncio.sleep(delay)
+            await plugin.sleep(delay)
 
     @property
     def running_jobs(self) -> int:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-from collections.abc import Awaitable, Callable, Generator, Sequence
+from collections.abc import Awaitable, Callable, Generator, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -22,10 +22,14 @@ from psycopg_pool import AsyncConnectionPool, ConnectionPool
 from koban.engines._sql import load_migrations, load_queries
 from koban.engines.base import (
     Ack,
+    CronPlan,
+    CronRecord,
     Engine,
     JobFilter,
     MigrationStatus,
+    NodeInfo,
     NotificationHandler,
+    QueueState,
     Throughput,
     redact,
 )
@@ -117,10 +121,33 @@ def _op_insert(jobs: Sequence[Job], now: datetime | None) -> Op:
                     found = Job(
                         worker=job.worker, args=job.args, queue=job.queue, unique_key=job.unique_key
                     )
+                replace = getattr(job.unique, "replace", ())
+                if replace and found.id is not None:
+                    rows = yield QUERIES["replace_job"], _replace_params(found.id, job, now)
+                    if rows:
+                        found = row_to_job(rows[0])
+                        by_key[job.unique_key] = found
                 dup = Job(**{f: getattr(found, f) for f in _JOB_COLUMNS})
                 dup.conflict = True
                 out[i] = dup
     return out
+
+
+def _replace_params(job_id: int, job: Job, now: datetime | None) -> dict[str, Any]:
+    """Parameters of `replace_job`: the new job's values for the fields its unique replaces."""
+    return {
+        "id": job_id,
+        "fields": list(job.unique.replace),
+        "args": json.dumps(job.args, ensure_ascii=False),
+        "meta": json.dumps(job.meta, ensure_ascii=False),
+        "tags": list(job.tags),
+        "priority": job.priority,
+        "max_attempts": job.max_attempts,
+        "queue": job.queue,
+        "scheduled_at": job.scheduled_at,
+        "schedule_in": job.schedule_in,
+        "now": now,
+    }
 
 
 def _where(flt: JobFilter) -> tuple[sql.Composable, dict[str, Any]]:
@@ -574,3 +601,246 @@ class PostgresEngine(Engine):
         from koban.engines.postgres.notifier import listen
 
         await listen(self.url, handler, on_state)
+
+    # ----- cluster --------------------------------------------------------------------------
+    async def _atx(self, op: Op) -> Any:
+        """Run `op` in one transaction on a pooled connection."""
+        async with self._async_pool().connection() as conn, conn.transaction():
+            return await _run_async(op, conn)
+
+    def _tx(self, op: Op) -> Any:
+        with self._sync().connection() as conn, conn.transaction():
+            return _run_sync(op, conn)
+
+    async def heartbeat(
+        self, node: NodeInfo, live_within: float, now: datetime | None = None
+    ) -> NodeInfo:
+        return await self._atx(_op_heartbeat(node, live_within, now))
+
+    async def remove_node(self, name: str) -> None:
+        await self._execute(QUERIES["remove_node"], {"name": name})
+
+    async def forget_nodes(self, older_than: float, now: datetime | None = None) -> int:
+        return await self._execute(QUERIES["forget_nodes"], {"older_than": older_than, "now": now})
+
+    def list_nodes_sync(self) -> list[NodeInfo]:
+        return self._exec(_op_list_nodes())
+
+    async def list_nodes(self) -> list[NodeInfo]:
+        return await self._aexec(_op_list_nodes())
+
+    async def acquire_leadership(
+        self, node: str, lease: float, now: datetime | None = None
+    ) -> datetime | None:
+        rows = await self._rows(
+            QUERIES["acquire_leadership"], {"node": node, "lease": lease, "now": now}
+        )
+        return rows[0]["expires_at"] if rows else None
+
+    async def resign_leadership(self, node: str) -> bool:
+        return bool(await self._rows(QUERIES["resign_leadership"], {"node": node}))
+
+    async def rescue_jobs(
+        self, rescue_after: float, limit: int, now: datetime | None = None
+    ) -> list[Job]:
+        rows = await self._rows(
+            QUERIES["rescue_jobs"], {"rescue_after": rescue_after, "limit": limit, "now": now}
+        )
+        return [row_to_job(r) for r in rows]
+
+    async def prune_jobs(
+        self, max_age: Mapping[str, float], limit: int, now: datetime | None = None
+    ) -> int:
+        deleted = 0
+        for state, age in max_age.items():
+            if deleted >= limit:
+                break
+            deleted += await self._execute(
+                QUERIES["prune_jobs"],
+                {
+                    "state": str(JobState(state)),
+                    "max_age": age,
+                    "limit": limit - deleted,
+                    "now": now,
+                },
+            )
+        return deleted
+
+    async def reindex(self) -> list[str]:
+        rows = await self._rows(QUERIES["job_indexes"], {})
+        # A concurrent reindex that failed (or was killed) leaves an invalid copy behind that
+        # every write would still maintain: drop those first.
+        for row in rows:
+            if not row["valid"] and ("_ccnew" in row["name"] or "_ccold" in row["name"]):
+                await self._execute(
+                    sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}").format(  # type: ignore[arg-type]
+                        sql.Identifier(row["name"])
+                    ),
+                    {},
+                )
+        done = []
+        for row in rows:
+            if row["valid"]:
+                await self._execute(
+                    sql.SQL("REINDEX INDEX CONCURRENTLY {}").format(  # type: ignore[arg-type]
+                        sql.Identifier(row["name"])
+                    ),
+                    {},
+                )
+                done.append(row["name"])
+        return done
+
+    async def insert_cron_jobs(
+        self, name: str, signature: str, plan: CronPlan, now: datetime | None = None
+    ) -> list[Job]:
+        return await self._atx(_op_cron(name, signature, plan, now))
+
+    def list_cron_sync(self) -> list[CronRecord]:
+        return self._exec(_op_list_cron())
+
+    async def list_cron(self) -> list[CronRecord]:
+        return await self._aexec(_op_list_cron())
+
+    def control_queue_sync(
+        self,
+        queue: str,
+        changes: Mapping[str, Any],
+        node: str | None = None,
+        now: datetime | None = None,
+    ) -> bool:
+        return self._tx(_op_control_queue(queue, changes, node, now))
+
+    async def control_queue(
+        self,
+        queue: str,
+        changes: Mapping[str, Any],
+        node: str | None = None,
+        now: datetime | None = None,
+    ) -> bool:
+        return await self._atx(_op_control_queue(queue, changes, node, now))
+
+    def queue_settings_sync(self) -> dict[str, QueueState]:
+        return self._exec(_op_queue_settings())
+
+    async def queue_settings(self) -> dict[str, QueueState]:
+        return await self._aexec(_op_queue_settings())
+
+    def count_by_queue_and_state_sync(self) -> dict[str, dict[str, int]]:
+        return self._exec(_op_counts())
+
+
+# ----- cluster operations ---------------------------------------------------------------------
+_NODE_REGISTRY_LOCK = 7_405_361_030  # pg_advisory_xact_lock key serialising node registrations
+
+
+def _row_to_node(row: dict[str, Any]) -> NodeInfo:
+    return NodeInfo(
+        name=row["name"],
+        started_at=row["started_at"],
+        heartbeat_at=row["heartbeat_at"],
+        queues=dict(row["queues"] or {}),
+        meta=dict(row["meta"] or {}),
+        leader=bool(row.get("leader", False)),
+    )
+
+
+def _op_heartbeat(node: NodeInfo, live_within: float, now: datetime | None) -> Op:
+    yield QUERIES["lock_node_registry"], {"key": _NODE_REGISTRY_LOCK}
+    rows = yield (
+        QUERIES["heartbeat_node"],
+        {
+            "name": node.name,
+            "queues": json.dumps(node.queues, default=str),
+            "meta": json.dumps(node.meta, default=str),
+            "live_within": live_within,
+            "now": now,
+        },
+    )
+    return _row_to_node(rows[0])
+
+
+def _op_list_nodes() -> Op:
+    rows = yield QUERIES["list_nodes"], {}
+    return [_row_to_node(r) for r in rows]
+
+
+def _cron_record(row: dict[str, Any]) -> CronRecord:
+    return CronRecord(
+        name=row["name"],
+        signature=row["signature"],
+        last_tick=row["last_tick"],
+        updated_at=row["updated_at"],
+    )
+
+
+def _op_cron(name: str, signature: str, plan: CronPlan, now: datetime | None) -> Op:
+    params: dict[str, Any] = {"name": name, "signature": signature, "now": now}
+    yield QUERIES["cron_create"], params
+    rows = yield QUERIES["cron_lock"], params
+    record = _cron_record(rows[0])
+    if record.signature != signature:
+        rows = yield QUERIES["cron_reset"], params
+        record = _cron_record(rows[0])
+    jobs, last_tick = plan(record)
+    inserted: list[Job] = []
+    if jobs:
+        inserted = yield from _op_insert(jobs, now)
+    if last_tick is not None:
+        yield QUERIES["cron_advance"], {**params, "tick": last_tick}
+    return inserted
+
+
+def _op_list_cron() -> Op:
+    rows = yield QUERIES["list_cron"], {}
+    return [_cron_record(r) for r in rows]
+
+
+_CONTROL_KEYS = ("paused", "limit")
+
+
+def _op_control_queue(
+    queue: str, changes: Mapping[str, Any], node: str | None, now: datetime | None
+) -> Op:
+    unknown = set(changes) - set(_CONTROL_KEYS)
+    if unknown:
+        raise ValueError(f"unknown queue setting(s): {', '.join(sorted(unknown))}")
+    if node is None:
+        yield (
+            QUERIES["control_queue"],
+            {
+                "queue": queue,
+                "paused": changes.get("paused"),
+                "limit": changes.get("limit"),
+                "set_paused": "paused" in changes,
+                "set_limit": "limit" in changes,
+                "now": now,
+            },
+        )
+        for key in changes:
+            yield QUERIES["clear_node_control"], {"queue": queue, "key": key}
+        return True
+    rows = yield (
+        QUERIES["control_node_queue"],
+        {
+            "node": node,
+            "queue": queue,
+            "set": json.dumps({k: v for k, v in changes.items() if v is not None}),
+            "unset": [k for k, v in changes.items() if v is None],
+        },
+    )
+    return bool(rows)
+
+
+def _op_queue_settings() -> Op:
+    rows = yield QUERIES["queue_settings"], {}
+    return {
+        r["name"]: QueueState(name=r["name"], paused=r["paused"], limit=r["limit"]) for r in rows
+    }
+
+
+def _op_counts() -> Op:
+    rows = yield QUERIES["count_by_queue_and_state"], {}
+    out: dict[str, dict[str, int]] = {}
+    for row in rows:
+        out.setdefault(row["queue"], {})[row["state"]] = row["n"]
+    return out

@@ -1,0 +1,141 @@
+"""Heartbeat: keeps this node's row in `koban_nodes` fresh, which is what keeps its jobs its own.
+
+Every `interval` seconds the node writes its queues (slots, paused, running jobs) and the time;
+the lifeline rescues the jobs of a node whose heartbeat is older than its `rescue_after`. The
+same round trip brings the node's runtime settings back: the cluster-wide queue settings in
+`koban_queues` and this node's own in its row, so a pause, resume or scale reaches every node
+even where notifications are not delivered (and a node started later honours them). It also
+stops running jobs the database no longer holds as executing here (cancelled, or rescued while
+this node was cut off), for the same reason.
+
+A node registers before it fetches its first job and deletes its row on a clean stop; if jobs
+were abandoned at shutdown, the row is left to expire so they are rescued only then.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import uuid
+from datetime import datetime
+from typing import TYPE_CHECKING
+
+from koban.engines.base import JobFilter, NodeInfo
+from koban.errors import ConfigurationError
+from koban.job import JobState
+from koban.plugins.base import Plugin
+
+if TYPE_CHECKING:
+    from koban.runtime.node import Node
+
+log = logging.getLogger("koban.heartbeat")
+
+DEFAULT_INTERVAL = 5.0
+
+
+def _version() -> str:
+    try:
+        from koban import __version__
+
+        return __version__
+    except ImportError:  # pragma: no cover - during koban's own import
+        return "?"
+
+
+class Heartbeat(Plugin):
+    """Registers the node and refreshes its heartbeat every `interval` seconds."""
+
+    name = "heartbeat"
+    leader_only = False
+
+    def __init__(self, *, interval: float = DEFAULT_INTERVAL) -> None:
+        if isinstance(interval, bool) or not isinstance(interval, int | float) or interval <= 0:
+            raise ConfigurationError(
+                f"Heartbeat interval must be a positive number of seconds, got {interval!r}"
+            )
+        self.interval = float(interval)
+        self.incarnation = uuid.uuid4().hex
+        self._failing = False
+
+    def __repr__(self) -> str:
+        return f"<Heartbeat every {self.interval}s>"
+
+    def _info(self, node: Node) -> NodeInfo:
+        return NodeInfo(
+            name=node.name,
+            queues=node.queue_report(),
+            meta={
+                "incarnation": self.incarnation,
+                "host": socket.gethostname(),
+                "pid": os.getpid(),
+                "version": _version(),
+            },
+        )
+
+    async def _beat(self, node: Node) -> NodeInfo:
+        info = await node.engine.heartbeat(self._info(node), node.live_within, now=node.db_now())
+        started = info.meta.get("cluster_started_at")
+        if isinstance(started, str):
+            node.cluster_started_at = datetime.fromisoformat(started)
+        settings = await node.engine.queue_settings()
+        control = info.meta.get("control")
+        node.apply_control(settings, control if isinstance(control, dict) else {})
+        return info
+
+    async def start(self, node: Node) -> None:
+        # A fresh incarnation per start: a restarted node (same name) must not look like the
+        # one whose jobs it never ran.
+        self.incarnation = uuid.uuid4().hex
+        await self._beat(node)
+
+    async def tick(self, node: Node) -> int:
+        """Refresh the heartbeat and settings; return how many stale jobs were stopped."""
+        try:
+            await self._beat(node)
+        except Exception:
+            if not self._failing:
+                log.warning(
+                    "node %s cannot reach the database to heartbeat; if this lasts longer than "
+                    "the rescue window its running jobs will be run again elsewhere",
+                    node.name,
+                )
+            self._failing = True
+            raise
+        if self._failing:
+            log.info("node %s is heartbeating again", node.name)
+            self._failing = False
+        return await self._stop_stale(node)
+
+    async def _stop_stale(self, node: Node) -> int:
+        running = node.running_job_attempts()
+        if not running:
+            return 0
+        stored = await node.engine.list_jobs(JobFilter(ids=list(running)))
+        stopped = 0
+        for job in stored:
+            assert job.id is not None
+            ours = (
+                job.state is JobState.EXECUTING
+                and job.attempt == running.get(job.id)
+                and job.attempted_by is not None
+                and job.attempted_by[:1] == [node.name]
+            )
+            if not ours and node.cancel_local(job.id, attempt=running[job.id]):
+                stopped += 1
+                log.info(
+                    "job %s is %s in the database, no longer executing here; stopping it",
+                    job.id, job.state,
+                )  # fmt: skip
+        return stopped
+
+    async def stop(self, node: Node) -> None:
+        if node.abandoned:
+            # Threads may still be running those jobs: let the row expire before rescue.
+            return
+        try:
+            await node.engine.remove_node(node.name)
+        except Exception as exc:
+            log.warning(
+                "node %s could not unregister (%s); its row expires on its own", node.name, exc
+            )
