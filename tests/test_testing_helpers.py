@@ -21,10 +21,10 @@ calls: list[dict[str, object]] = []
 
 
 @pytest.fixture
-def app(pg_url: str) -> Iterator[koban.Koban]:
+def app(db_url: str) -> Iterator[koban.Koban]:
     calls.clear()
     app = koban.Koban(
-        pg_url, queues={"default": 5, "mailers": 1}, clock=koban.FrozenClock(CLOCK_START)
+        db_url, queues={"default": 5, "mailers": 1}, clock=koban.FrozenClock(CLOCK_START)
     )
 
     @app.worker(max_attempts=3)

@@ -51,10 +51,10 @@ def frozen_clock() -> koban.FrozenClock:
 
 @pytest.fixture
 def summer_app(
-    pg_url: str, strava: StravaStandIn, frozen_clock: koban.FrozenClock
+    db_url: str, strava: StravaStandIn, frozen_clock: koban.FrozenClock
 ) -> Iterator[koban.Koban]:
-    """The Summer Challenge app on PostgreSQL, athletes seeded, time frozen."""
-    app = create_app(summer_settings(pg_url, strava), clock=frozen_clock)
+    """The Summer Challenge app on each engine in turn, athletes seeded, time frozen."""
+    app = create_app(summer_settings(db_url, strava), clock=frozen_clock)
     seed(setup(app), strava)
     yield app
     app.engine.close_sync()
