@@ -140,7 +140,19 @@ def demo(database: str | None, athletes: int) -> None:
         from koban.examples.summer_challenge.demo import run_demo
     except ImportError as exc:
         fail(f"the demo needs koban's demo extra ({exc}); run: pip install 'koban[demo]'")
-    code = run_guarded(run_demo, database, athletes=athletes, commands=sorted(main.commands))
+    dashboard_url = None
+    dashboard = main.commands.get("dashboard")
+    if dashboard is not None:
+        defaults = {p.name: p.default for p in dashboard.params}
+        if isinstance(defaults.get("port"), int):
+            dashboard_url = f"http://{defaults.get('host') or '127.0.0.1'}:{defaults['port']}/"
+    code = run_guarded(
+        run_demo,
+        database,
+        athletes=athletes,
+        commands=sorted(main.commands),
+        dashboard_url=dashboard_url,
+    )
     sys.exit(code)
 
 

@@ -66,15 +66,19 @@ def run_demo(
     athletes: int = 12,
     console: Console | None = None,
     commands: Sequence[str] = (),
+    dashboard_url: str | None = None,
 ) -> int:
-    """Run the demo and print its summary; returns the process exit code (0: all synced)."""
+    """Run the demo and print its summary; returns the process exit code (0: all synced).
+
+    `commands` are the koban CLI commands installed, so the summary suggests only real ones.
+    """
     console = console or Console()
     if not console.is_terminal:
         # Piped or captured output: wide enough that progress and commands are not cut.
         console.width = max(console.width, 120)
     url = database or default_database()
     result = asyncio.run(_demo(url, athletes, console))
-    _summary(console, result, set(commands))
+    _summary(console, result, set(commands), dashboard_url)
     return 0 if result.ok else 1
 
 
@@ -207,7 +211,9 @@ async def _progress(
             await asyncio.sleep(0.2)
 
 
-def _summary(console: Console, result: DemoResult, commands: set[str]) -> None:
+def _summary(
+    console: Console, result: DemoResult, commands: set[str], dashboard_url: str | None
+) -> None:
     table = Table(title="Summary", show_header=False, title_justify="left")
     table.add_column(style="bold")
     table.add_column()
@@ -232,7 +238,10 @@ def _summary(console: Console, result: DemoResult, commands: set[str]) -> None:
     if "stats" in commands:
         lines.append(f"koban stats --database {db}")
     if "dashboard" in commands:
-        lines.append(f"koban dashboard --database {db}")
+        lines.append(
+            f"koban dashboard --database {db}"
+            + (f"    (then open {dashboard_url})" if dashboard_url else "")
+        )
     if "cron" in commands:
         lines.append("koban cron list --app koban.examples.summer_challenge.jobs:app")
     lines.append(
