@@ -114,7 +114,20 @@ def migrate(database: str | None, app_path: str | None, status: bool, print_sql:
 @click.option("--queues", "-q", help="Override queues, e.g. default=10,mailers=2.")
 @click.option("--node", "-n", help="Node name (default host.pid).")
 @click.option("--log-level", default="INFO", show_default=True)
-def start(app_path: str, queues: str | None, node: str | None, log_level: str) -> None:
+@click.option(
+    "--metrics-port",
+    type=click.IntRange(1, 65535),
+    help="Serve Prometheus metrics on this port (needs the prometheus extra).",
+)
+@click.option("--metrics-addr", default="0.0.0.0", show_default=True, help="Address for metrics.")
+def start(
+    app_path: str,
+    queues: str | None,
+    node: str | None,
+    log_level: str,
+    metrics_port: int | None,
+    metrics_addr: str,
+) -> None:
     """Run a node: fetch and run jobs until SIGTERM or SIGINT."""
     logging.basicConfig(
         level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -124,7 +137,23 @@ def start(app_path: str, queues: str | None, node: str | None, log_level: str) -
     from koban.telemetry import JobLogger
 
     JobLogger().attach(app.telemetry)
+    if metrics_port is not None:
+        _serve_metrics(app, metrics_port, metrics_addr)
     run_guarded(app.run, queues=queue_map, node=node)
+
+
+def _serve_metrics(app: Koban, port: int, addr: str) -> None:
+    try:
+        from koban.contrib.prometheus import PrometheusMetrics
+    except ImportError:
+        fail("--metrics-port needs the prometheus extra: pip install 'koban[prometheus]'")
+    metrics = PrometheusMetrics()
+    metrics.attach(app.telemetry)
+    app.extra_plugins.append(metrics.plugin(app))
+    try:
+        metrics.serve(port, addr)
+    except OSError as exc:
+        fail(f"--metrics-port {port}: cannot listen on {addr}:{port} ({exc.strerror or exc})")
 
 
 @main.command()

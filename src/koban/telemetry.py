@@ -4,6 +4,8 @@
 
 Events and their data:
 
+- ``job:enqueue``    job, before it is validated and inserted; subscribers may add entries
+                     to a copy of ``job.meta`` (tracing carries its context this way)
 - ``job:start``      job, queue, queue_wait (seconds from scheduled_at to start)
 - ``job:stop``       job, queue, queue_wait, duration, state (the outcome: completed, snoozed...)
 - ``job:exception``  job, queue, queue_wait, duration, state (retryable or discarded), error,

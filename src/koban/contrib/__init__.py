@@ -1,0 +1,1 @@
+"""Integrations that live outside koban's core: each needs its own extra installed."""
