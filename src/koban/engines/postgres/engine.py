@@ -369,6 +369,9 @@ class PostgresEngine(Engine):
                 kwargs={"autocommit": True},
                 open=False,
                 name="koban-sync",
+                # Only client calls use this pool: check each connection before use, as
+                # `_aexec` does, so a stale one is replaced rather than failing the caller.
+                check=ConnectionPool.check_connection,
             )
             try:
                 pool.open(wait=True, timeout=10)
@@ -388,8 +391,19 @@ class PostgresEngine(Engine):
     async def _aexec(self, op: Op, conn: Any = None) -> Any:
         if conn is not None:
             return await _run_async(op, conn)
-        async with self._async_pool().connection() as c:
-            return await _run_async(op, c)
+        pool = self._async_pool()
+        # Client calls check their connection first, so one the server closed while it sat
+        # in the pool (a restart, a failover, pg_terminate_backend) is replaced instead of
+        # failing the caller. The node's own statements skip the check: they retry anyway.
+        for tries_left in range(pool.max_size, -1, -1):
+            async with pool.connection() as c:
+                try:
+                    await AsyncConnectionPool.check_connection(c)
+                except psycopg.OperationalError:
+                    if not tries_left:
+                        raise
+                    continue  # leaving the block hands the broken connection back: dropped
+                return await _run_async(op, c)
 
     def _exec(self, op: Op, conn: Any = None) -> Any:
         if conn is not None:

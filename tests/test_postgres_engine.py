@@ -1,0 +1,199 @@
+"""PostgreSQL-only behaviour: surviving terminated connections, LISTEN/NOTIFY and its fallback."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import psycopg
+import pytest
+
+import koban
+from helpers import await_until, make_app, sql_rows, wait_for_state
+from koban import Job, JobState
+from koban.engines.base import NotificationHandler
+from koban.engines.postgres import PostgresEngine
+from koban.engines.postgres.notifier import listen
+
+#: Nothing listens on port 1: every connection attempt is refused at once.
+DEAD_URL = "postgresql://root@127.0.0.1:1/koban"
+
+
+@pytest.fixture
+async def apps(pg_url: str) -> AsyncIterator[Callable[..., koban.Koban]]:
+    created: list[koban.Koban] = []
+
+    def factory(**options: Any) -> koban.Koban:
+        app = make_app(pg_url, **options)
+        created.append(app)
+        return app
+
+    yield factory
+    for app in created:
+        await app.close()
+
+
+def terminate_other_backends(url: str) -> list[int]:
+    """Kill every other session on the test database, as a failover or an admin would."""
+    rows = sql_rows(
+        url,
+        # CASE fixes the evaluation order: never terminate this very session.
+        "SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
+        "AND CASE WHEN pid = pg_backend_pid() THEN false ELSE pg_terminate_backend(pid) END",
+    )
+    return [r[0] for r in rows]
+
+
+def listener_pids(url: str) -> set[int]:
+    rows = sql_rows(
+        url,
+        "SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
+        "AND query LIKE 'LISTEN koban_%%'",
+    )
+    return {r[0] for r in rows}
+
+
+async def test_node_survives_terminated_connections(apps: Callable[..., koban.Koban]) -> None:
+    app = apps(queues={"default": 5})
+    gate = asyncio.Event()
+
+    @app.worker
+    async def noop(job: Job) -> None: ...
+
+    @app.worker
+    async def spans_the_outage(job: Job) -> None:
+        await gate.wait()
+
+    async with app:
+        warm = await noop.aenqueue()
+        await wait_for_state(app, warm.id or 0, JobState.COMPLETED)
+        await await_until(lambda: listener_pids(app.engine.url), what="the node to LISTEN")
+        running = await spans_the_outage.aenqueue()
+        await wait_for_state(app, running.id or 0, JobState.EXECUTING)
+
+        killed = set(terminate_other_backends(app.engine.url))
+        assert killed, "the node had no connections to terminate"
+
+        # The job running during the outage records its outcome once the database is back.
+        gate.set()
+        await wait_for_state(app, running.id or 0, JobState.COMPLETED)
+        # The notifier reconnects: a new session is listening.
+        await await_until(
+            lambda: listener_pids(app.engine.url) - killed, what="the notifier to reconnect"
+        )
+        # And the node keeps taking new work.
+        jobs = await app.aenqueue_many(noop.new({"i": i}) for i in range(20))
+        for job in jobs:
+            await wait_for_state(app, job.id or 0, JobState.COMPLETED)
+        assert app.node is not None and app.node.running_jobs == 0
+
+    # The client's own connections were terminated too; it reconnects on next use.
+    again = app.enqueue(Job(worker="w.after"))
+    assert again.id is not None
+
+
+async def test_node_survives_repeated_terminations(apps: Callable[..., koban.Koban]) -> None:
+    app = apps(queues={"default": 5})
+
+    @app.worker
+    async def noop(job: Job) -> None: ...
+
+    async with app:
+        for round_ in range(3):
+            terminate_other_backends(app.engine.url)
+            job = await noop.aenqueue({"round": round_})
+            await wait_for_state(app, job.id or 0, JobState.COMPLETED)
+
+
+class DeafEngine(PostgresEngine):
+    """A PostgreSQL engine whose notifier can never connect: notifications are down."""
+
+    poll_interval = 0.2
+
+    async def listen(
+        self,
+        handler: NotificationHandler,
+        on_state: Callable[[bool], Awaitable[None] | None] | None = None,
+    ) -> None:
+        await listen(DEAD_URL, handler, on_state)
+
+
+async def test_polling_fallback_while_the_listener_is_down(pg_url: str) -> None:
+    app = make_app(pg_url, engine=DeafEngine(pg_url))
+
+    @app.worker
+    async def noop(job: Job) -> None: ...
+
+    try:
+        async with app:
+            for _ in range(3):
+                job = await noop.aenqueue()
+                # No notification can arrive; the short poll finds the job well before the
+                # healthy-listener poll interval (10 s) would.
+                await wait_for_state(app, job.id or 0, JobState.COMPLETED, timeout=5)
+    finally:
+        await app.close()
+
+
+def collect_insert_notifications(url: str, action: Callable[[], Any]) -> list[dict[str, Any]]:
+    """The koban_insert notifications sent while `action` runs, in order."""
+    with psycopg.connect(url, autocommit=True) as listener:
+        listener.execute("LISTEN koban_insert")
+        action()
+        # Notifications arrive in commit order: once the sentinel is here, all are.
+        with psycopg.connect(url, autocommit=True) as other:
+            other.execute("SELECT pg_notify('koban_insert', 'sentinel')")
+        got: list[dict[str, Any]] = []
+        for note in listener.notifies(timeout=10):
+            if note.payload == "sentinel":
+                return got
+            got.append(json.loads(note.payload))
+    raise AssertionError(f"the sentinel notification never arrived; got {got}")
+
+
+def test_one_notification_per_queue_per_insert_statement(pg_url: str) -> None:
+    app = make_app(pg_url)
+
+    def insert() -> None:
+        app.enqueue_many(
+            [Job(worker="w.n", args={"i": i}) for i in range(300)]
+            + [Job(worker="w.n", queue="mailers", args={"i": i}) for i in range(50)]
+            + [Job(worker="w.n", queue="reports", schedule_in=600) for _ in range(10)]
+        )
+        app.enqueue(Job(worker="w.n"))
+
+    try:
+        notes = collect_insert_notifications(pg_url, insert)
+    finally:
+        app.engine.close_sync()
+
+    # The batch: one per queue that gained available jobs (none for only-scheduled
+    # "reports"); then one for the single insert.
+    assert sorted(n["queue"] for n in notes[:2]) == ["default", "mailers"]
+    assert notes[2:] == [{"queue": "default"}]
+
+
+def test_rolled_back_enqueue_sends_no_notification(pg_url: str) -> None:
+    app = make_app(pg_url)
+
+    def insert() -> None:
+        with psycopg.connect(pg_url) as conn:
+            app.enqueue(Job(worker="w.n", queue="rolled"), conn=conn)
+            conn.rollback()
+            app.enqueue(Job(worker="w.n", queue="committed"), conn=conn)
+            conn.commit()
+
+    try:
+        notes = collect_insert_notifications(pg_url, insert)
+    finally:
+        app.engine.close_sync()
+    assert notes == [{"queue": "committed"}]
+
+
+async def test_open_reports_a_database_that_is_down() -> None:
+    engine = PostgresEngine(DEAD_URL)
+    with pytest.raises(koban.DatabaseUnavailableError, match="cannot connect to PostgreSQL"):
+        await engine.open()
+    await engine.close()
