@@ -8,9 +8,20 @@ from typing import Any
 import pytest
 from click.testing import CliRunner, Result
 
+from helpers import wait_until
 from koban.cli import main
+from web.conftest import NodeThread
+from web.opsapp import FLAKY, build
 
 APP = "web.opsapp:app"
+
+
+@pytest.fixture
+def run_node() -> Any:
+    started: list[NodeThread] = []
+    yield lambda app: started.append(NodeThread(app).start())
+    for node in started:
+        node.stop()
 
 
 def run(*args: str, input: str | None = None) -> Result:
@@ -158,3 +169,63 @@ def test_stats_counts_by_queue_and_state(url: str) -> None:
     table = run("stats", "--database", url)
     assert table.exit_code == 0
     assert table.stdout.splitlines()[0].split()[:3] == ["QUEUE", "AVAILABLE", "SCHEDULED"]
+
+
+def test_queues_pause_resume_scale(pg_url: str, run_node: Any) -> None:
+    url = pg_url
+    run_node(build(url, node="cli-node-1"))
+    wait_until(lambda: run_json("nodes", "-d", url), what="the node to register")
+
+    paused = run("queues", "pause", "mailers", "--database", url)
+    assert paused.exit_code == 0, paused.stderr
+    assert paused.stdout.strip() == "paused queue 'mailers' on every node"
+    job = insert(url, worker=FLAKY, args='{"to": "ada"}')
+    report = {q["queue"]: q for q in run_json("queues", "--database", url)}
+    assert report["mailers"]["paused"] is True
+    assert report["default"]["paused"] is False
+    assert report["mailers"]["counts"]["available"] == 1
+    assert run_json("jobs", "show", str(job["id"]), "-d", url)["state"] == "available"
+
+    assert run("queues", "resume", "mailers", "-d", url).exit_code == 0
+    wait_until(
+        lambda: run_json("jobs", "show", str(job["id"]), "-d", url)["state"] == "completed",
+        what="the job to run once the queue resumed",
+    )
+
+    scaled = run("queues", "-d", url, "scale", "default", "3")  # options before the subcommand
+    assert scaled.exit_code == 0, scaled.stderr
+    assert {q["queue"]: q["limit"] for q in run_json("queues", "status", "-d", url)}["default"] == 3
+    assert run("queues", "scale", "default", "default", "-d", url).exit_code == 0
+    assert {q["queue"]: q["limit"] for q in run_json("queues", "-d", url)}["default"] is None
+
+    table = run("queues", "-d", url).stdout.splitlines()
+    assert table[0].split()[:5] == ["QUEUE", "STATUS", "LIMIT", "NODES", "RUNNING"]
+
+
+def test_queue_commands_reject_unknown_names(pg_url: str, run_node: Any) -> None:
+    unknown = run("queues", "pause", "mailerz", "-d", pg_url)
+    assert unknown.exit_code == 2
+    assert "unknown queue 'mailerz'" in unknown.stderr
+    assert len(unknown.stderr.strip().splitlines()) == 1
+
+    no_node = run("queues", "pause", "default", "--node", "ghost", "-d", pg_url)
+    assert no_node.exit_code == 2
+    assert "ghost" in no_node.stderr
+
+    bad_limit = run("queues", "scale", "default", "lots", "-d", pg_url)
+    assert bad_limit.exit_code == 2
+    assert "LIMIT must be a whole number" in bad_limit.stderr
+
+
+def test_nodes_lists_the_leader_and_heartbeats(pg_url: str, run_node: Any) -> None:
+    assert run("nodes", "-d", pg_url).stdout.strip() == "no nodes are registered"
+    run_node(build(pg_url, node="cli-node-a"))
+    found = wait_until(
+        lambda: [n for n in run_json("nodes", "-d", pg_url) if n["leader"]],
+        what="the node to register and lead",
+    )
+    assert [n["name"] for n in found] == ["cli-node-a"]
+    assert set(found[0]["queues"]) == {"default", "mailers"}
+    table = run("nodes", "-d", pg_url).stdout.splitlines()
+    assert table[0].split() == ["NODE", "ROLE", "STARTED", "HEARTBEAT", "QUEUES"]
+    assert table[1].split()[:2] == ["cli-node-a", "leader"]

@@ -275,24 +275,17 @@ def _parse_time(value: str | None, option: str) -> datetime | None:
 
 
 def _queue_known(app: Koban, queue: str) -> bool:
-    """True if any node, setting or job of the cluster mentions `queue`."""
+    """True if the app, a node, a runtime setting or a job of the cluster mentions `queue`."""
     if queue in app.queues:
         return True
-    if app.list_jobs(JobFilter(queues=[queue], limit=1)):
-        return True
-    for lookup in ("queue_states", "list_nodes"):
-        method = getattr(app, lookup, None)
-        if method is None:
-            continue
-        for item in method():
-            names = (
-                {getattr(item, "name", None)}
-                if lookup == "queue_states"
-                else set(getattr(item, "queues", None) or {})
-            )
-            if queue in names:
-                return True
-    return False
+    try:
+        if queue in app.engine.queue_settings_sync():
+            return True
+        if any(queue in n.queues for n in app.engine.list_nodes_sync()):
+            return True
+    except NotImplementedError:
+        pass
+    return bool(app.list_jobs(JobFilter(queues=[queue], limit=1)))
 
 
 def _check_queues(app: Koban, queues: Sequence[str]) -> None:
@@ -616,6 +609,301 @@ def stats(database: str | None, app_path: str | None, as_json: bool) -> None:
         click.echo("(estimated: the jobs table is large)")
     if hour is not None:
         click.echo(f"last hour: {hour['completed']} completed, {hour['failed']} failed attempts")
+
+
+def _age(then: datetime | None) -> str:
+    if then is None:
+        return "-"
+    seconds = (datetime.now(UTC) - then).total_seconds()
+    if seconds < 120:
+        return f"{seconds:.0f}s ago"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f}m ago"
+    return f"{seconds / 3600:.1f}h ago"
+
+
+async def _queue_report(app: Koban) -> list[dict[str, Any]]:
+    """Each queue's cluster-wide settings, its job counts and what live nodes run of it."""
+    from koban.web.stats import job_counts
+
+    try:
+        settings = await app.engine.queue_settings()
+        nodes = await app.engine.list_nodes()
+    except NotImplementedError:
+        settings, nodes = {}, []
+    counts = await job_counts(app, list(settings))
+    names = sorted(set(counts.by_queue) | set(settings) | {q for n in nodes for q in n.queues})
+    report = []
+    for name in names:
+        setting = settings.get(name)
+        on_nodes = [n.queues[name] for n in nodes if name in n.queues]
+        report.append({
+            "queue": name,
+            "paused": bool(setting and setting.paused),
+            "limit": setting.limit if setting else None,
+            "nodes": len(on_nodes),
+            "paused_nodes": sum(1 for q in on_nodes if isinstance(q, dict) and q.get("paused")),
+            "running": sum(int(q.get("running") or 0) for q in on_nodes if isinstance(q, dict)),
+            "counts": counts.by_queue.get(name, {}),
+            "exact": counts.exact,
+        })  # fmt: skip
+    return report
+
+
+@main.group(invoke_without_command=True)
+@_database_options
+@_json_option
+@click.pass_context
+def queues(ctx: click.Context, database: str | None, app_path: str | None, as_json: bool) -> None:
+    """Show queues (the default), or pause, resume or scale one."""
+    ctx.obj = {"database": database, "app_path": app_path}
+    if ctx.invoked_subcommand is None:
+        ctx.invoke(queues_status, database=database, app_path=app_path, as_json=as_json)
+
+
+def _inherit(ctx: click.Context, database: str | None, app_path: str | None) -> tuple[Any, Any]:
+    parent = ctx.obj or {}
+    return database or parent.get("database"), app_path or parent.get("app_path")
+
+
+@queues.command("status")
+@_database_options
+@_json_option
+@click.pass_context
+def queues_status(
+    ctx: click.Context, database: str | None, app_path: str | None, as_json: bool
+) -> None:
+    """Every queue: paused or running, slot limit, nodes, running jobs and jobs by state."""
+    app, _ = _ops_app(*_inherit(ctx, database, app_path))
+    report = _run_async(app, lambda: _queue_report(app))
+    if as_json:
+        _print_json(report)
+        return
+    if not report:
+        click.echo("no queues yet")
+        return
+    states = [
+        "available",
+        "scheduled",
+        "executing",
+        "retryable",
+        "completed",
+        "discarded",
+        "cancelled",
+    ]
+    rows = []
+    for q in report:
+        status = "paused" if q["paused"] else (
+            f"paused on {q['paused_nodes']} node(s)" if q["paused_nodes"] else "running"
+        )  # fmt: skip
+        limit = q["limit"] if q["limit"] is not None else "per node"
+        rows.append(
+            [
+                q["queue"],
+                status,
+                limit,
+                q["nodes"],
+                q["running"],
+                *(q["counts"].get(s, 0) for s in states),
+            ]
+        )
+    click.echo(_table(["queue", "status", "limit", "nodes", "running", *states], rows))
+    if report and not report[0]["exact"]:
+        click.echo("(job counts are estimates: the jobs table is large)")
+
+
+def _control_command(action: str, doc: str) -> None:
+    """Register `koban queues pause|resume|scale`."""
+
+    @queues.command(action, help=doc)
+    @click.argument("queue")
+    @click.argument("limit", required=action == "scale", default=None)
+    @click.option("--node", "-n", help="Only on this node (default: every node).")
+    @_database_options
+    @_json_option
+    @click.pass_context
+    def command(
+        ctx: click.Context,
+        queue: str,
+        limit: str | None,
+        node: str | None,
+        database: str | None,
+        app_path: str | None,
+        as_json: bool,
+    ) -> None:
+        if action != "scale" and limit is not None:
+            fail(f"`koban queues {action}` takes one queue name, got an extra {limit!r}")
+        slots: int | None = None
+        if action == "scale":
+            assert limit is not None
+            if limit == "default":
+                slots = None
+            elif limit.isdigit():
+                slots = int(limit)
+            else:
+                fail(
+                    f"scale {queue!r}: LIMIT must be a whole number of slots or 'default', "
+                    f"got {limit!r}"
+                )
+        app, _ = _ops_app(*_inherit(ctx, database, app_path))
+        try:
+            _check_queues(app, [queue])
+            method = getattr(app, f"{action}_queue")
+            if action == "scale":
+                run_guarded(method, queue, slots, node=node)
+            else:
+                run_guarded(method, queue, node=node)
+        finally:
+            app.engine.close_sync()
+        where = f"on node {node}" if node else "on every node"
+        if as_json:
+            _print_json({"queue": queue, "action": action, "node": node, "limit": slots})
+        elif action == "scale":
+            shown = slots if slots is not None else "each node's configured slots"
+            click.echo(f"scaled queue {queue!r} to {shown} {where}")
+        else:
+            click.echo(f"{action}d queue {queue!r} {where}")
+
+
+_control_command("pause", "Stop fetching jobs of QUEUE; running jobs finish. Kept until resume.")
+_control_command("resume", "Fetch jobs of QUEUE again.")
+_control_command("scale", "Run up to LIMIT jobs of QUEUE at once per node ('default' resets).")
+
+
+@main.command()
+@_database_options
+@_json_option
+def nodes(database: str | None, app_path: str | None, as_json: bool) -> None:
+    """Every registered node: its queues, heartbeat age and which one leads."""
+    app, _ = _ops_app(database, app_path)
+    found = _run_async(app, app.alist_nodes)
+    if as_json:
+        _print_json([
+            {
+                "name": n.name, "leader": n.leader, "started_at": n.started_at,
+                "heartbeat_at": n.heartbeat_at, "queues": n.queues,
+            }
+            for n in found
+        ])  # fmt: skip
+        return
+    if not found:
+        click.echo("no nodes are registered")
+        return
+    rows = []
+    for n in found:
+        queues_text = " ".join(
+            f"{q}={info.get('limit')}{' (paused)' if info.get('paused') else ''}"
+            f"[{info.get('running', 0)} running]"
+            if isinstance(info, dict) else str(q)
+            for q, info in sorted(n.queues.items())
+        )  # fmt: skip
+        rows.append(
+            [
+                n.name,
+                "leader" if n.leader else "",
+                _age(n.started_at),
+                _age(n.heartbeat_at),
+                queues_text,
+            ]
+        )
+    click.echo(_table(["node", "role", "started", "heartbeat", "queues"], rows))
+
+
+@main.command("dashboard")
+@_database_options
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", "-p", default=8080, show_default=True, type=click.IntRange(1, 65535))
+@click.option(
+    "--token",
+    envvar="KOBAN_DASHBOARD_TOKEN",
+    help="Admin access token (env KOBAN_DASHBOARD_TOKEN).",
+)
+@click.option(
+    "--read-only-token",
+    envvar="KOBAN_DASHBOARD_READ_ONLY_TOKEN",
+    help="Token for look-only access (env KOBAN_DASHBOARD_READ_ONLY_TOKEN).",
+)
+@click.option(
+    "--user",
+    "users",
+    multiple=True,
+    envvar="KOBAN_DASHBOARD_USERS",
+    help="NAME:PASSWORD of an admin (repeatable; env KOBAN_DASHBOARD_USERS, space-separated).",
+)
+@click.option(
+    "--read-only-user", "read_only_users", multiple=True, help="NAME:PASSWORD of a viewer."
+)
+@click.option("--read-only", is_flag=True, help="Nobody can change anything.")
+@click.option(
+    "--secret-key",
+    envvar="KOBAN_DASHBOARD_SECRET",
+    help="Signs sign-ins; set it when several processes serve the dashboard "
+    "(env KOBAN_DASHBOARD_SECRET).",
+)
+@click.option("--root-path", default="", help="URL prefix when served behind a proxy, e.g. /koban.")
+@click.option("--log-level", default="info", show_default=True)
+def dashboard_command(
+    database: str | None,
+    app_path: str | None,
+    host: str,
+    port: int,
+    token: str | None,
+    read_only_token: str | None,
+    users: tuple[str, ...],
+    read_only_users: tuple[str, ...],
+    read_only: bool,
+    secret_key: str | None,
+    root_path: str,
+    log_level: str,
+) -> None:
+    """Serve the web dashboard (needs the web extra)."""
+    try:
+        import uvicorn
+
+        from koban.web import PasswordAuth, TokenAuth, dashboard
+    except ImportError:
+        fail("the dashboard needs the web extra: pip install 'koban[web]'")
+    auth: Any
+    try:
+        if users or read_only_users:
+            if token:
+                fail("give either --token or --user, not both")
+            auth = PasswordAuth(
+                _pairs(users, "--user"), read_only=_pairs(read_only_users, "--read-only-user")
+            )
+        else:
+            if not token:
+                import secrets
+
+                token = secrets.token_urlsafe(24)
+                click.echo(
+                    f"koban dashboard: no --token given; sign in with this one: {token}", err=True
+                )
+            auth = TokenAuth(token, read_only_token=read_only_token)
+    except ValueError as exc:
+        fail(str(exc))
+    logging.basicConfig(
+        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    if app_path and not database:
+        target: Any = load_app(app_path)
+    else:
+        target = run_guarded(Koban, resolve_url(database, app_path))
+    web = run_guarded(dashboard, target, auth=auth, read_only=read_only, secret_key=secret_key)
+    click.echo(
+        f"koban dashboard on http://{host}:{port}{root_path}/ ({target.engine.kind})", err=True
+    )
+    uvicorn.run(web, host=host, port=port, root_path=root_path, log_level=log_level.lower())
+
+
+def _pairs(values: Sequence[str], option: str) -> dict[str, str]:
+    out = {}
+    for value in (v for item in values for v in item.split()):
+        name, sep, password = value.partition(":")
+        if not sep or not name or not password:
+            fail(f"{option} {name or value!r}: give NAME:PASSWORD")
+        out[name] = password
+    return out
 
 
 if __name__ == "__main__":  # pragma: no cover
