@@ -16,4 +16,4 @@ def exponential(
     delay = min(base + 2.0 ** min(attempt, 40), cap)
     if jitter:
         delay *= 1 + random.uniform(-jitter, jitter)
-    return max(0.0, delay)
+    return max(0.0, min(delay, cap))  # jitter must not push a capped delay past the cap

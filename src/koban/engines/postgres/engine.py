@@ -296,7 +296,7 @@ class PostgresEngine(Engine):
             conninfo_to_dict(url)
         except psycopg.ProgrammingError as exc:
             raise ConfigurationError(
-                f"database URL {redact(url)!r} is malformed: {exc}. "
+                f"database URL {redact(url)!r} is malformed: {str(exc).strip()}. "
                 "Expected postgresql://user[:password]@host[:port]/database"
             ) from None
         self.url = url
