@@ -71,7 +71,8 @@ def test_find_a_failed_job_retry_it_and_watch_it_complete(
     )
     node.stop()
 
-    web = dashboard(build(pg_url), auth=TokenAuth(TOKEN), refresh=0.3)
+    cron = [koban.Cron("0 6 * * *", GREET, args={"digest": True}, name="morning-digest")]
+    web = dashboard(build(pg_url, cron=cron), auth=TokenAuth(TOKEN), refresh=0.3)
     with serve(web) as base:
         page = browser.new_page(viewport={"width": 1280, "height": 900})
         page.set_default_timeout(15_000)
@@ -141,5 +142,13 @@ def test_find_a_failed_job_retry_it_and_watch_it_complete(
         assert messages == ["Cancel 2 selected job(s)?"]
         expect(page.locator("table.jobs tbody tr")).to_have_count(1)  # "No jobs match."
         assert all(state_of(app, j.id) == "cancelled" for j in waiting)
+
+        # The overview now shows the running node as leader; the cron page its schedule.
+        page.goto(base + "/")
+        expect(page.locator(".badge.leader")).to_be_visible()
+        shot(page, "overview-with-node")
+        page.click('nav >> text="Cron"')
+        expect(page.locator('tr[data-cron="morning-digest"]')).to_contain_text("0 6 * * *")
+        shot(page, "cron")
         page.close()
     app.engine.close_sync()

@@ -30,6 +30,7 @@ from koban.app import Koban
 from koban.engines.base import JobFilter, redact
 from koban.errors import DatabaseError, KobanError
 from koban.job import FINISHED_STATES, Job, JobState
+from koban.plugins.lifeline import DEFAULT_RESCUE_AFTER
 from koban.web import auth as _auth
 from koban.web.auth import (
     CSRF_COOKIE,
@@ -49,6 +50,8 @@ log = logging.getLogger("koban.web")
 
 HERE = Path(__file__).resolve().parent
 PAGE_SIZE = 50
+#: A node whose heartbeat is older than this is shown as gone (the lifeline's default).
+LIVE_WITHIN = DEFAULT_RESCUE_AFTER
 #: Seconds a count or chart is reused before the database is asked again.
 CACHE_SECONDS = 3.0
 
@@ -313,60 +316,74 @@ class Dashboard:
         self._cache[key] = (time.monotonic(), value)
         return value
 
-    # ----- cluster facts (the runtime-control API may be missing on older apps) ---------------
-    async def _call(self, name: str, *args: Any, **kwargs: Any) -> Any:
-        method = getattr(self.app, name, None)
-        if method is None:
-            return None
-        return await method(*args, **kwargs)
+    # ----- cluster facts ---------------------------------------------------------------------
+    async def _cluster(self) -> tuple[dict[str, Any], list[Any] | None]:
+        """Queue settings and registered nodes, or ({}, None) where the engine has none."""
+        try:
+            settings = await self.app.engine.queue_settings()
+            nodes = await self.app.engine.list_nodes()
+        except NotImplementedError:
+            return {}, None
+        return settings, nodes
 
-    async def _queues(self) -> tuple[JobCounts, list[dict[str, Any]]]:
-        states = await self._call("aqueue_states") or []
-        settings = {getattr(s, "name", None): s for s in states}
+    async def _queues(
+        self, settings: dict[str, Any], nodes: list[Any] | None
+    ) -> tuple[JobCounts, list[dict[str, Any]]]:
         counts: JobCounts = await self._cached(
-            "counts", lambda: job_counts(self.app, [n for n in settings if n])
+            "counts", lambda: job_counts(self.app, list(settings))
         )
+        live = [n for n in nodes or [] if _age_seconds(n.heartbeat_at) < LIVE_WITHIN]
+        names = sorted(set(counts.by_queue) | {q for n in live for q in n.queues})
         rows = []
-        for name, by_state in counts.by_queue.items():
+        for name in names:
             setting = settings.get(name)
+            reports = [n.queues[name] for n in live if isinstance(n.queues.get(name), dict)]
+            slots = [int(r["limit"]) for r in reports if isinstance(r.get("limit"), int)]
             rows.append({
                 "name": name,
-                "counts": by_state,
-                "paused": bool(getattr(setting, "paused", False)),
-                "limit": getattr(setting, "limit", None) or self.app.queues.get(name),
-                "nodes": getattr(setting, "nodes", None),
+                "counts": counts.by_queue.get(name) or dict.fromkeys(STATES, 0),
+                "paused": bool(setting and setting.paused),
+                "paused_nodes": sum(1 for r in reports if r.get("paused")),
+                "limit": setting.limit if setting and setting.limit is not None else None,
+                "node_slots": sorted(set(slots)),
+                "nodes": len(reports),
+                "running": sum(int(r.get("running") or 0) for r in reports),
             })  # fmt: skip
         return counts, rows
 
-    async def _nodes(self) -> list[dict[str, Any]] | None:
-        nodes = await self._call("alist_nodes")
+    @staticmethod
+    def _nodes(nodes: list[Any] | None) -> list[dict[str, Any]] | None:
         if nodes is None:
             return None
-        now = datetime.now(UTC)
-        out = []
-        for node in nodes:
-            heartbeat = getattr(node, "heartbeat_at", None)
-            out.append({
-                "name": getattr(node, "name", str(node)),
-                "queues": getattr(node, "queues", None) or {},
-                "started_at": getattr(node, "started_at", None),
-                "heartbeat_at": heartbeat,
-                "heartbeat_age": (now - heartbeat).total_seconds() if heartbeat else None,
-                "leader": bool(getattr(node, "leader", False) or getattr(node, "is_leader", False)),
-            })  # fmt: skip
-        return out
+        return [
+            {
+                "name": n.name,
+                "queues": {
+                    q: info if isinstance(info, dict) else {}
+                    for q, info in sorted(n.queues.items())
+                },
+                "started_at": n.started_at,
+                "heartbeat_at": n.heartbeat_at,
+                "heartbeat_age": _age_seconds(n.heartbeat_at),
+                "live": _age_seconds(n.heartbeat_at) < LIVE_WITHIN,
+                "leader": bool(n.leader),
+            }
+            for n in nodes
+        ]
 
     # ----- pages ----------------------------------------------------------------------------
     async def overview(self, request: Request, user: User) -> Response:
-        counts, queues = await self._queues()
+        settings, nodes = await self._cluster()
+        counts, queues = await self._queues(settings, nodes)
         minutes = await self._cached("throughput", lambda: throughput(self.app, 60))
-        nodes = await self._nodes()
         return self._render(request, user, "overview.html", {
             "page": "overview",
             "counts": counts,
             "queues": queues,
             "chart": _chart(minutes) if minutes is not None else None,
-            "nodes": nodes,
+            "nodes": self._nodes(nodes),
+            "live_within": LIVE_WITHIN,
+            "notice": _notice(request),
         })  # fmt: skip
 
     def _filter(self, request: Request) -> tuple[JobFilter, dict[str, Any]]:
@@ -425,22 +442,11 @@ class Dashboard:
         })  # fmt: skip
 
     async def cron(self, request: Request, user: User) -> Response:
-        entries = await self._call("acron_entries")
-        rows = None
-        if entries is not None:
-            rows = [
-                {
-                    "name": getattr(e, "name", None),
-                    "expression": getattr(e, "expression", None),
-                    "worker": getattr(e, "worker", None),
-                    "queue": getattr(e, "queue", None),
-                    "next_run": getattr(e, "next_run", None) or getattr(e, "next_at", None),
-                    "last_run": getattr(e, "last_run", None) or getattr(e, "last_tick", None),
-                    "args": getattr(e, "args", None),
-                }
-                for e in entries
-            ]
-        return self._render(request, user, "cron.html", {"page": "cron", "entries": rows})
+        try:
+            entries = await self.app.acron_entries()
+        except NotImplementedError:
+            entries = None
+        return self._render(request, user, "cron.html", {"page": "cron", "entries": entries})
 
     async def metrics(self, request: Request, user: User) -> Response:
         try:
@@ -600,6 +606,10 @@ def _notice(request: Request) -> str | None:
     return template.format(
         n=int(n) if n.isdigit() else 0, of=int(of) if of.isdigit() else 0, queue=q.get("queue", "")
     )
+
+
+def _age_seconds(value: datetime | None) -> float:
+    return (datetime.now(UTC) - value).total_seconds() if value else float("inf")
 
 
 def _when(value: datetime | None) -> str:
