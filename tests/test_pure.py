@@ -18,6 +18,8 @@ from koban.unique import unique_key
 
 #: Applied per test, so other test modules keep their own hypothesis settings.
 PROPERTY = settings(deadline=None, max_examples=100)
+#: Examples built from generated JSON trees are costlier: fewer of them.
+PROPERTY_JSON = settings(deadline=None, max_examples=40)
 
 CAP = 86400.0 * 7
 
@@ -95,7 +97,7 @@ def job(**fields: Any) -> Job:
     return Job(**fields)
 
 
-@PROPERTY
+@PROPERTY_JSON
 @given(JSON_OBJECT, JSON_OBJECT)
 def test_json_objects_round_trip_through_validation(
     args: dict[str, Any], meta: dict[str, Any]
@@ -105,7 +107,7 @@ def test_json_objects_round_trip_through_validation(
     assert json.loads(meta_json) == meta
 
 
-@PROPERTY
+@PROPERTY_JSON
 @given(JSON_OBJECT, NOT_JSON, st.lists(TEXT, min_size=1, max_size=3))
 def test_a_value_json_cannot_hold_is_refused_wherever_it_is(
     args: dict[str, Any], bad: Any, path: list[str]
@@ -120,7 +122,7 @@ def test_a_value_json_cannot_hold_is_refused_wherever_it_is(
         validate(job(meta=args))
 
 
-@PROPERTY
+@PROPERTY_JSON
 @given(JSON_VALUE.filter(lambda v: not isinstance(v, dict)))
 def test_args_must_be_an_object(args: Any) -> None:
     with pytest.raises(JobValidationError, match="must be a JSON object"):
@@ -170,7 +172,7 @@ def ujob(args: dict[str, Any], **fields: Any) -> Job:
     return job(args=args, **fields)
 
 
-@PROPERTY
+@PROPERTY_JSON
 @given(JSON_OBJECT, INSTANTS)
 def test_same_fields_give_the_same_key(args: dict[str, Any], now: datetime) -> None:
     unique = Unique(period=3600)
@@ -179,7 +181,7 @@ def test_same_fields_give_the_same_key(args: dict[str, Any], now: datetime) -> N
     assert unique_key(ujob(args), unique, now) == unique_key(ujob(shuffled), unique, now)
 
 
-@PROPERTY
+@PROPERTY_JSON
 @given(JSON_OBJECT, JSON_OBJECT)
 def test_different_args_give_different_keys(a: dict[str, Any], b: dict[str, Any]) -> None:
     assume(json.dumps(a, sort_keys=True) != json.dumps(b, sort_keys=True))
@@ -187,7 +189,7 @@ def test_different_args_give_different_keys(a: dict[str, Any], b: dict[str, Any]
     assert unique_key(ujob(a), unique, NOW) != unique_key(ujob(b), unique, NOW)
 
 
-@PROPERTY
+@PROPERTY_JSON
 @given(JSON_OBJECT)
 def test_worker_and_queue_are_part_of_the_key(args: dict[str, Any]) -> None:
     unique = Unique(period=None)
@@ -201,7 +203,7 @@ def test_worker_and_queue_are_part_of_the_key(args: dict[str, Any]) -> None:
     )
 
 
-@PROPERTY
+@PROPERTY_JSON
 @given(
     st.dictionaries(st.sampled_from(["athlete_id", "kind"]), JSON_LEAF, min_size=2),
     st.dictionaries(st.sampled_from(["page", "trace"]), JSON_VALUE),
