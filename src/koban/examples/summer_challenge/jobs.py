@@ -140,6 +140,14 @@ def create_app(
         queues={"default": 10},
         clock=clock,
         node=node,
+        # The nightly sync. If every node is down at midnight, the first node to start inserts
+        # the missed run (catch_up="latest": one run for the missed period).
+        cron=[koban.Cron(NIGHTLY, SyncAllWorker, timezone=TIMEZONE, catch_up="latest")],
+        plugins=[
+            koban.Pruner(max_age=PRUNE_AFTER),
+            koban.Lifeline(rescue_after=settings.rescue_after),
+            *options.pop("plugins", ()),
+        ],
         **options,
     )
     app.worker(SyncAllWorker)

@@ -29,8 +29,9 @@ class Settings:
     #: Seconds of backoff before the second attempt; each later attempt doubles the extra part
     #: (koban's default curve: retry_base + 2**attempt, ±10%).
     retry_base: float = 15.0
-    #: Seconds after which a dead node's jobs are rescued (its heartbeat expired).
-    rescue_after: float = 60.0
+    #: Seconds after which a dead node's jobs are rescued (its heartbeat expired); at least
+    #: twice the heartbeat interval (5 s).
+    rescue_after: float = 30.0
 
     def with_changes(self, **changes: Any) -> Settings:
         return replace(self, **changes)
