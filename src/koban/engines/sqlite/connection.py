@@ -34,6 +34,8 @@ T = TypeVar("T")
 MIN_SQLITE_VERSION = (3, 35, 0)
 #: Seconds a statement waits for another connection's write lock before giving up.
 DEFAULT_BUSY_TIMEOUT = 30.0
+#: The smallest page size: a non-empty database file is never shorter.
+_MIN_PAGE_SIZE = 512
 
 # SQLite primary result codes (extended codes carry them in the low byte).
 _PERM, _BUSY, _LOCKED, _READONLY, _IOERR, _CORRUPT, _FULL, _CANTOPEN, _NOTADB = (
@@ -118,6 +120,13 @@ def check_file(path: str, *, create: bool) -> int | None:
         raise ConfigurationError(
             f"{path} is not a regular file, so not a SQLite database; koban leaves it "
             "untouched. Point the database URL at a new file or an existing SQLite database"
+        )
+    if 0 < st.st_size < _MIN_PAGE_SIZE:
+        # SQLite takes some of these for an empty database and would write over them.
+        raise ConfigurationError(
+            f"{path} is not a SQLite database (it has {st.st_size} bytes, less than one "
+            "database page); koban leaves it untouched. Point the database URL at a new file "
+            "or an existing SQLite database, or move this file away"
         )
     if not os.access(path, os.R_OK):
         raise DatabaseUnavailableError(
