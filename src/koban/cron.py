@@ -10,8 +10,8 @@ steps, lists, month and weekday names, and the aliases @hourly, @daily, @midnigh
 @monthly, @yearly, @annually and @reboot. Ticks are computed in the entry's IANA time zone by
 `cronsim`, which follows Debian cron across daylight-saving changes: an entry at a fixed time
 that falls in the hour skipped in spring runs once, right after the jump; an entry at a fixed
-time in the hour repeated in autumn runs once, the first time; entries with a wildcard hour
-(`*/15 * * * *`) run on every real occurrence.
+time in the hour repeated in autumn runs once, the first time; entries with a wildcard minute
+or hour (`*/15 * * * *`, `*/30 2 * * *`) run at every real moment that matches.
 
 Everything here is pure: the scheduler plugin (`koban.plugins.scheduler`) does the inserting.
 """

@@ -42,18 +42,25 @@ class Leadership(Plugin):
     name = "leadership"
     leader_only = False
 
-    def __init__(self, *, lease: float = DEFAULT_LEASE, margin: float | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        lease: float = DEFAULT_LEASE,
+        renew_every: float | None = None,
+        margin: float | None = None,
+    ) -> None:
         if isinstance(lease, bool) or not isinstance(lease, int | float) or lease <= 0:
             raise ConfigurationError(
                 f"Leadership lease must be a positive number of seconds, got {lease!r}"
             )
         self.lease = float(lease)
-        self.interval = self.lease / 3
+        self.interval = self.lease / 3 if renew_every is None else float(renew_every)
         self.margin = min(self.lease * 0.2, 5.0) if margin is None else float(margin)
-        if not 0 <= self.margin < self.lease - self.interval:
+        if not (0 <= self.margin and 0 < self.interval < self.lease - self.margin):
+            # Renewing less often than that would let the lease lapse between renewals.
             raise ConfigurationError(
-                f"Leadership margin must be at least 0 and below two thirds of the lease "
-                f"({self.lease - self.interval:.3f} s), got {margin!r}"
+                f"Leadership needs 0 <= margin and 0 < renew_every < lease - margin; got "
+                f"lease={lease!r}, renew_every={renew_every!r}, margin={margin!r}"
             )
         self._node: Node | None = None
         self._deadline: float | None = None

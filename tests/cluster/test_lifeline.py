@@ -1,0 +1,128 @@
+"""Lifeline: jobs of dead or restarted nodes run again; jobs on live nodes are never touched."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import koban
+from koban import Heartbeat, Job, JobState, Lifeline
+from koban.engines.base import Ack
+from koban.runtime.node import Node
+
+from .conftest import AppFactory, idle_node
+
+
+async def register(app: koban.Koban, name: str) -> tuple[Node, Heartbeat]:
+    heartbeat = Heartbeat()
+    node = idle_node(app, name, [heartbeat, Lifeline(rescue_after=15)])
+    await heartbeat.start(node)
+    return node, heartbeat
+
+
+async def take(app: koban.Koban, node: Node, n: int = 1) -> list[Job]:
+    """Claim up to n available jobs for `node`, as its producer would."""
+    producer = f"default.{node.name}"
+    return await app.engine.fetch("default", n, node.name, producer, now=node.db_now())
+
+
+async def test_dead_nodes_jobs_go_back_to_available_and_live_ones_stay(
+    apps: AppFactory, clock: koban.FrozenClock
+) -> None:
+    app = apps(clock=clock)
+    await app.open()
+    dead, _ = await register(app, "dead")
+    live, live_beat = await register(app, "live")
+    lifeline = Lifeline(rescue_after=15)
+    await app.aenqueue_many([Job(worker="w.a", args={"n": i}, max_attempts=3) for i in range(3)])
+    [orphan, orphan2] = await take(app, dead, 2)
+    [long_running] = await take(app, live, 1)
+
+    clock.advance(10)
+    await live_beat.tick(live)
+    assert await lifeline.tick(live) == 0  # "dead" is only 10 s silent: not dead yet
+
+    clock.advance(10)  # dead: 20 s silent; live: heartbeat 10 s ago, its job started 20 s ago
+    await live_beat.tick(live)
+    assert await lifeline.tick(live) == 2
+
+    for job_id in (orphan.id, orphan2.id):
+        job = await app.aget_job(job_id or 0)
+        assert job is not None
+        assert job.state is JobState.AVAILABLE
+        assert job.attempt == 1
+        assert job.meta["rescued"] == 1
+        assert job.errors[-1]["type"] == "koban.Rescued"
+        assert "dead" in job.errors[-1]["message"]
+        assert job.scheduled_at == clock.now()
+
+    job = await app.aget_job(long_running.id or 0)
+    assert job is not None and job.state is JobState.EXECUTING and "rescued" not in job.meta
+
+    # The rescued job runs again on the live node, and its late outcome from the dead node
+    # (if it ever came) is ignored.
+    again = await take(app, live, 2)
+    assert sorted(j.id for j in again) == sorted([orphan.id, orphan2.id])
+    assert all(j.attempt == 2 for j in again)
+    assert await app.engine.ack([Ack(orphan.id or 0, 1, JobState.COMPLETED)], now=clock.now()) == 0
+    job = await app.aget_job(orphan.id or 0)
+    assert job is not None and job.state is JobState.EXECUTING and job.attempt == 2
+
+    # A long job on a live node is never rescued, however long it runs.
+    for _ in range(6):
+        clock.advance(10)
+        await live_beat.tick(live)
+        await lifeline.tick(live)
+    job = await app.aget_job(long_running.id or 0)
+    assert job is not None and job.state is JobState.EXECUTING and job.attempt == 1
+
+
+async def test_a_rescued_job_without_attempts_left_is_discarded(
+    apps: AppFactory, clock: koban.FrozenClock
+) -> None:
+    app = apps(clock=clock)
+    await app.open()
+    dead, _ = await register(app, "dead")
+    [job] = await app.aenqueue_many([Job(worker="w.a", max_attempts=1)])
+    await take(app, dead)
+    clock.advance(16)
+    assert await Lifeline(rescue_after=15).tick(idle_node(app, "other")) == 1
+    stored = await app.aget_job(job.id or 0)
+    assert stored is not None and stored.state is JobState.DISCARDED
+    assert stored.discarded_at == clock.now()
+    assert stored.errors[-1]["type"] == "koban.Rescued"
+
+
+async def test_jobs_of_a_restarted_node_are_rescued_at_once(
+    apps: AppFactory, clock: koban.FrozenClock
+) -> None:
+    """A node restarted under the same name heartbeats, but it is not running the old jobs."""
+    app = apps(clock=clock)
+    await app.open()
+    before, _ = await register(app, "worker-1")
+    [job] = await app.aenqueue_many([Job(worker="w.a")])
+    await take(app, before)
+    clock.advance(2)
+    after, _ = await register(app, "worker-1")  # a new incarnation (new process)
+    assert await Lifeline(rescue_after=15).tick(after) == 1
+    stored = await app.aget_job(job.id or 0)
+    assert stored is not None and stored.state is JobState.AVAILABLE
+    # Jobs the new incarnation takes are its own and stay.
+    await take(app, after)
+    clock.advance(2)
+    assert await Lifeline(rescue_after=15).tick(after) == 0
+
+
+async def test_long_silent_nodes_are_forgotten(apps: AppFactory, clock: koban.FrozenClock) -> None:
+    app = apps(clock=clock)
+    await app.open()
+    await register(app, "gone")
+    live, beat = await register(app, "live")
+    lifeline = Lifeline(rescue_after=15, forget_after=600)
+    clock.advance(300)
+    await beat.tick(live)
+    await lifeline.tick(live)
+    assert {n.name for n in await app.alist_nodes()} == {"gone", "live"}
+    clock.advance(timedelta(seconds=301).total_seconds())
+    await beat.tick(live)
+    await lifeline.tick(live)
+    assert [n.name for n in await app.alist_nodes()] == ["live"]
