@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from typing import Any
 
+import httpx
 import pytest
 from click.testing import CliRunner, Result
 
-from helpers import wait_until
+from helpers import TESTS_DIR, subprocess_env, wait_until
 from koban.cli import main
-from web.conftest import NodeThread
+from web.conftest import NodeThread, free_port
 from web.opsapp import FLAKY, build
 
 APP = "web.opsapp:app"
@@ -229,3 +232,39 @@ def test_nodes_lists_the_leader_and_heartbeats(pg_url: str, run_node: Any) -> No
     table = run("nodes", "-d", pg_url).stdout.splitlines()
     assert table[0].split() == ["NODE", "ROLE", "STARTED", "HEARTBEAT", "QUEUES"]
     assert table[1].split()[:2] == ["cli-node-a", "leader"]
+
+
+def test_koban_dashboard_serves_with_a_token(pg_url: str, tmp_path: Any) -> None:
+    port = free_port()
+    parts = pg_url.split("://", 1)
+    secret_url = f"{parts[0]}://root:hunter2-secret@{parts[1].split('@', 1)[1]}"
+    log_path = tmp_path / "dashboard.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "koban.cli", "dashboard", "--database", secret_url,
+             "--port", str(port), "--log-level", "debug"],
+            env=subprocess_env(pg_url, KOBAN_DASHBOARD_TOKEN="cli-dashboard-token"),
+            cwd=str(TESTS_DIR), stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        try:
+            base = f"http://127.0.0.1:{port}"
+
+            def up() -> bool:
+                if proc.poll() is not None:
+                    raise AssertionError(log_path.read_text())
+                try:
+                    return httpx.get(base + "/login").status_code == 200
+                except httpx.TransportError:
+                    return False
+
+            wait_until(up, what="koban dashboard to listen")
+            auth = {"Authorization": "Bearer cli-dashboard-token"}
+            assert httpx.get(base + "/", headers=auth).status_code == 200
+            assert httpx.get(base + "/jobs", headers=auth).status_code == 200
+            assert httpx.get(base + "/").status_code == 401
+        finally:
+            proc.terminate()
+            proc.wait(15)
+    output = log_path.read_text()
+    assert f"koban dashboard on http://127.0.0.1:{port}/" in output
+    assert "hunter2" not in output
