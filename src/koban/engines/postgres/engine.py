@@ -33,6 +33,7 @@ from koban.engines.base import (
     Throughput,
     redact,
 )
+from koban.engines.postgres import pool_logging
 from koban.errors import (
     ConfigurationError,
     DatabaseUnavailableError,
@@ -42,6 +43,7 @@ from koban.errors import (
 from koban.job import FINISHED_STATES, Job, JobState
 
 log = logging.getLogger("koban.engine")
+pool_logging.install()
 
 QUERIES = load_queries("koban.engines.postgres.sql")
 MIGRATIONS = load_migrations("koban.engines.postgres.migrations")
@@ -332,13 +334,14 @@ class PostgresEngine(Engine):
             raise self._unavailable(exc) from None
         async with probe:
             self._check_version(await _run_async(self._op_version(), probe))
-        pool = AsyncConnectionPool(
+        pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
             self.url,
             min_size=1,
             max_size=self._pool_size,
             kwargs={"autocommit": True},
             open=False,
             name="koban",
+            connection_class=pool_logging.NodeConnection,
             reconnect_timeout=0,
         )
         try:
@@ -362,13 +365,14 @@ class PostgresEngine(Engine):
         if self._sync_pool is None:
             with self._connect_sync() as probe:  # fails fast, as in `open`
                 self._check_version(_run_sync(self._op_version(), probe))
-            pool = ConnectionPool(
+            pool: ConnectionPool[Any] = ConnectionPool(
                 self.url,
                 min_size=1,
                 max_size=4,
                 kwargs={"autocommit": True},
                 open=False,
                 name="koban-sync",
+                connection_class=pool_logging.ClientConnection,
                 # Only client calls use this pool: check each connection before use, as
                 # `_aexec` does, so a stale one is replaced rather than failing the caller.
                 check=ConnectionPool.check_connection,

@@ -1,0 +1,191 @@
+"""Database faults on PostgreSQL: the server kills every node connection, drops only the
+listening one, or restarts. Nodes must recover on their own within seconds, lose nothing, never
+crash, and report each incident once rather than in a storm of warnings.
+
+The restart touches the server every test shares, so it runs only with
+KOBAN_CHAOS_PG_RESTART=1 or in CI (CI=true), when nothing else runs beside it. It restarts the
+cluster found under /etc/postgresql with pg_ctlcluster, or runs KOBAN_CHAOS_PG_RESTART_CMD.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+
+import koban
+from helpers import sql_rows, wait_until
+
+from .driver import ChaosCluster
+from .invariants import check, read_jobs, summarise
+from .ledger import read_ledger
+from .logs import kinds, storms
+
+WORKERS = ("chaos.chaos_app.chaos_async", "chaos.chaos_app.chaos_sync")
+#: Most warning lines one node may write for one incident: one per part that noticed it
+#: (notifier, acker, producer, and each plugin), never one per connection or per retry.
+WARNINGS_PER_INCIDENT = 8
+RESTART_ALLOWED = os.environ.get("KOBAN_CHAOS_PG_RESTART") == "1" or os.environ.get("CI") == "true"
+
+
+@pytest.fixture
+def cluster(pg_url: str, tmp_path: Path) -> Iterator[ChaosCluster]:
+    nodes = ChaosCluster(pg_url, tmp_path, size=2, env={"KOBAN_CHAOS_MAX_MS": "50"})
+    try:
+        yield nodes
+    finally:
+        nodes.kill_all()
+
+
+def enqueue_spread(url: str, count: int, seconds: float) -> None:
+    """`count` jobs whose scheduled times spread over the next `seconds`: a steady flow."""
+    app = koban.Koban(url)
+    try:
+        app.enqueue_many(
+            koban.Job(
+                worker=WORKERS[i % 2],
+                queue="chaos",
+                max_attempts=5,
+                args={"n": i},
+                schedule_in=seconds * i / count,
+            )
+            for i in range(count)
+        )
+    finally:
+        app.engine.close_sync()
+
+
+def finished(url: str) -> int:
+    query = "SELECT count(*) FROM koban_jobs WHERE state IN ('completed', 'discarded', 'cancelled')"
+    return int(sql_rows(url, query)[0][0])
+
+
+def wait_for_progress(url: str, jobs: int, what: str) -> None:
+    """Wait until `jobs` more jobs have finished: the nodes are working (again)."""
+    target = finished(url) + jobs
+    wait_until(lambda: finished(url) >= target, timeout=20, what=what)
+
+
+def terminate(url: str, where: str = "true") -> int:
+    """Terminate the server processes of every other session on this database matching
+    `where`; return how many."""
+    rows = sql_rows(
+        url,
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+        f"WHERE datname = current_database() AND pid <> pg_backend_pid() AND ({where})",
+    )
+    return len(rows)
+
+
+def assert_clean_run(cluster: ChaosCluster, url: str, count: int, incidents: int) -> None:
+    """Every job ran to its end exactly as the ledger says; no node crashed or stormed."""
+    wait_until(lambda: finished(url) == count, timeout=60, what=f"all {count} jobs to finish")
+    cluster.stop()
+    jobs = read_jobs(url)
+    events = read_ledger(cluster.ledger_dir)
+    print(summarise(jobs, events, cluster.exits))
+    assert not cluster.crashes, "\n\n".join(cluster.crashes)
+    problems = check(jobs, events, cluster.exits, expected_jobs=count)
+    assert not problems, "\n".join(problems[:30])
+    for name, text in cluster.logs().items():
+        assert not storms(text, incidents), f"node {name} stormed:\n" + "\n".join(
+            storms(text, incidents)
+        )
+        total = sum(kinds(text).values())
+        assert total <= WARNINGS_PER_INCIDENT * incidents, (
+            f"node {name} wrote {total} warnings for {incidents} incident(s): {kinds(text)}"
+        )
+
+
+def test_nodes_survive_their_connections_being_terminated(
+    cluster: ChaosCluster, pg_url: str
+) -> None:
+    count = 1500
+    enqueue_spread(pg_url, count, seconds=8)
+    cluster.start()
+    incidents = 3
+    for incident in range(incidents):
+        wait_for_progress(pg_url, 50, f"jobs to flow before incident {incident + 1}")
+        assert terminate(pg_url) >= 2 * 2, "expected each node to hold at least two connections"
+    wait_for_progress(pg_url, 50, "jobs to flow again after the last incident")
+    assert_clean_run(cluster, pg_url, count, incidents)
+
+
+#: The listening connection is the one whose last statement was LISTEN or its health check.
+LISTENER = "query IN ('LISTEN koban_signal', 'SELECT 1')"
+
+
+def test_a_dropped_listening_connection_is_reopened(cluster: ChaosCluster, pg_url: str) -> None:
+    count = 600
+    enqueue_spread(pg_url, count, seconds=5)
+    cluster.start()
+    wait_until(lambda: listeners(pg_url) == 2, what="both nodes to LISTEN")
+    wait_for_progress(pg_url, 50, "jobs to flow")
+    assert terminate(pg_url, LISTENER) == 2
+    # Both nodes notice, say so once, and listen again.
+    wait_until(lambda: listeners(pg_url) == 2, timeout=20, what="both nodes to LISTEN again")
+    for name, text in cluster.logs().items():
+        assert "notifier lost its connection" in text, name
+    wait_until(
+        lambda: all("notifier reconnected" in t for t in cluster.logs().values()),
+        what="each node to log its reconnection",
+    )
+    wait_for_progress(pg_url, 50, "jobs to flow after the listener came back")
+    assert_clean_run(cluster, pg_url, count, incidents=1)
+
+
+def listeners(url: str) -> int:
+    return int(
+        sql_rows(
+            url,
+            "SELECT count(*) FROM pg_stat_activity "
+            f"WHERE datname = current_database() AND pid <> pg_backend_pid() AND {LISTENER}",
+        )[0][0]
+    )
+
+
+def reachable(url: str) -> bool:
+    try:
+        return bool(sql_rows(url, "SELECT 1"))
+    except psycopg.OperationalError:
+        return False
+
+
+def restart_postgres() -> None:
+    """Restart the server (fast shutdown), the way an upgrade or failover would.
+
+    KOBAN_CHAOS_PG_RESTART_CMD overrides the command, for a server not run by pg_ctlcluster.
+    """
+    command = os.environ.get("KOBAN_CHAOS_PG_RESTART_CMD")
+    if command:
+        subprocess.run(command, shell=True, check=True, timeout=120)
+        return
+    versions = sorted(os.listdir("/etc/postgresql"))
+    assert versions, "no PostgreSQL cluster configured under /etc/postgresql"
+    subprocess.run(
+        ["pg_ctlcluster", "--skip-systemctl-redirect", versions[-1], "main", "restart"],
+        check=True,
+        timeout=120,
+    )
+
+
+@pytest.mark.skipif(
+    not RESTART_ALLOWED,
+    reason="restarts the shared PostgreSQL: set KOBAN_CHAOS_PG_RESTART=1 (CI=true runs it)",
+)
+def test_nodes_survive_a_postgres_restart(cluster: ChaosCluster, pg_url: str) -> None:
+    count = 1200
+    enqueue_spread(pg_url, count, seconds=8)
+    cluster.start()
+    wait_for_progress(pg_url, 100, "jobs to flow before the restart")
+    started = time.monotonic()
+    restart_postgres()
+    wait_until(lambda: reachable(pg_url), timeout=60, what="PostgreSQL to accept connections")
+    wait_for_progress(pg_url, 100, "jobs to flow after the restart")
+    print(f"restart and recovery took {time.monotonic() - started:.1f} s")
+    assert_clean_run(cluster, pg_url, count, incidents=1)
