@@ -593,12 +593,10 @@ def stats(database: str | None, app_path: str | None, as_json: bool) -> None:
         return await job_counts(app), await throughput(app, 60)
 
     counts, minutes = _run_async(app, gather)
-    hour = None
-    if minutes is not None:
-        hour = {
-            "completed": sum(m.completed for m in minutes),
-            "failed": sum(m.failed for m in minutes),
-        }
+    hour = {
+        "completed": sum(m.completed for m in minutes),
+        "failed": sum(m.failed for m in minutes),
+    }
     if as_json:
         _print_json({"queues": counts.by_queue, "exact": counts.exact, "last_hour": hour})
         return
@@ -607,8 +605,7 @@ def stats(database: str | None, app_path: str | None, as_json: bool) -> None:
     click.echo(_table(["queue", *STATES], rows))
     if not counts.exact:
         click.echo("(estimated: the jobs table is large)")
-    if hour is not None:
-        click.echo(f"last hour: {hour['completed']} completed, {hour['failed']} failed attempts")
+    click.echo(f"last hour: {hour['completed']} completed, {hour['failed']} failed attempts")
 
 
 def _age(then: datetime | None) -> str:

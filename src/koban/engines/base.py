@@ -216,6 +216,7 @@ class Engine(ABC):
         """{queue: {state: count}} for every job in the table."""
 
     # ----- operations (dashboard, metrics, CLI) ---------------------------------------------
+    @abstractmethod
     async def estimate_jobs(self, flt: JobFilter) -> tuple[int, bool]:
         """How many jobs match `flt`, as (count, exact), cheaply on a table of any size.
 
@@ -223,15 +224,14 @@ class Engine(ABC):
         return its planner's estimate instead, with `exact` False. `flt.limit` and
         `flt.before_id` are ignored.
         """
-        raise NotImplementedError(f"{type(self).__name__} does not implement estimate_jobs yet")
 
+    @abstractmethod
     async def throughput(self, minutes: int = 60, now: datetime | None = None) -> list[Throughput]:
         """Completed jobs and failed attempts per minute over the last `minutes` minutes.
 
         One entry per minute, oldest first, the current (partial) minute last, zeros included.
         A failed attempt is an entry in a job's errors other than a cancellation.
         """
-        raise NotImplementedError(f"{type(self).__name__} does not implement throughput yet")
 
     # ----- runtime --------------------------------------------------------------------------
     @abstractmethod

@@ -90,6 +90,8 @@ class Dashboard:
                 "PasswordAuth(...) or a resolver callable"
             )
         self.app = app_or_url if isinstance(app_or_url, Koban) else Koban(app_or_url)
+        # An app handed in belongs to its host (it may be running a node): never close it.
+        self._owns_app = not isinstance(app_or_url, Koban)
         self.auth = auth
         self.read_only = read_only
         self.signer = Signer(secret_key)
@@ -143,8 +145,8 @@ class Dashboard:
                     self._opened = True
 
     async def close(self) -> None:
-        """Release the dashboard's database connections."""
-        if self._opened:
+        """Release the database connections of an app the dashboard made from a URL."""
+        if self._opened and self._owns_app:
             self._opened = False
             await self.app.close()
 
@@ -380,7 +382,7 @@ class Dashboard:
             "page": "overview",
             "counts": counts,
             "queues": queues,
-            "chart": _chart(minutes) if minutes is not None else None,
+            "chart": _chart(minutes),
             "nodes": self._nodes(nodes),
             "live_within": LIVE_WITHIN,
             "notice": _notice(request),

@@ -38,10 +38,7 @@ async def job_counts(app: Koban, queues: list[str] | None = None) -> JobCounts:
     """
     engine = app.engine
     names = set(queues or ()) | set(app.queues)
-    try:
-        total, exact_total = await engine.estimate_jobs(JobFilter())
-    except NotImplementedError:
-        total, exact_total = 0, True
+    total, exact_total = await engine.estimate_jobs(JobFilter())
     if exact_total or total < LARGE_TABLE:
         found = await engine.count_by_queue_and_state()
         exact = True
@@ -60,19 +57,11 @@ async def job_counts(app: Koban, queues: list[str] | None = None) -> JobCounts:
     return JobCounts(by_queue, exact)
 
 
-async def throughput(app: Koban, minutes: int = 60) -> list[Throughput] | None:
-    """Completed and failed per minute, or None where the engine cannot tell yet."""
-    try:
-        return await app.engine.throughput(
-            minutes, now=app.clock.now() if app.clock.frozen else None
-        )
-    except NotImplementedError:
-        return None
+async def throughput(app: Koban, minutes: int = 60) -> list[Throughput]:
+    """Completed jobs and failed attempts per minute over the last `minutes` minutes."""
+    return await app.engine.throughput(minutes, now=app.clock.now() if app.clock.frozen else None)
 
 
-async def estimate_jobs(app: Koban, flt: JobFilter) -> tuple[int, bool] | None:
-    """How many jobs match `flt` (count, exact), or None where the engine cannot tell yet."""
-    try:
-        return await app.engine.estimate_jobs(flt)
-    except NotImplementedError:
-        return None
+async def estimate_jobs(app: Koban, flt: JobFilter) -> tuple[int, bool]:
+    """How many jobs match `flt`, as (count, exact)."""
+    return await app.engine.estimate_jobs(flt)

@@ -13,6 +13,7 @@ Every operation is a plain function of a connection (`_op_*`): reads take `(conn
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import json
 import logging
@@ -32,6 +33,7 @@ from koban.engines.base import (
     JobFilter,
     MigrationStatus,
     NotificationHandler,
+    Throughput,
 )
 from koban.engines.sqlite import notifier
 from koban.engines.sqlite.connection import (
@@ -47,7 +49,7 @@ from koban.engines.sqlite.connection import (
     write_transaction,
 )
 from koban.engines.sqlite.notifier import Outbox
-from koban.engines.sqlite.rows import dump_json, now_us, row_to_job, to_us
+from koban.engines.sqlite.rows import dump_json, from_us, now_us, row_to_job, to_us
 from koban.engines.sqlite.sql import QUERIES
 from koban.errors import (
     ConfigurationError,
@@ -229,6 +231,41 @@ def _op_retry(
 def _op_delete(conn: sqlite3.Connection, _outbox: Outbox, flt: JobFilter) -> list[int]:
     query, params = _filtered("delete_jobs", flt)
     return sorted(r[0] for r in conn.execute(query, params).fetchall())
+
+
+_MINUTE_US = 60_000_000
+
+
+def _op_estimate(conn: sqlite3.Connection, flt: JobFilter) -> tuple[int, bool]:
+    where, params = filter_clause(dataclasses.replace(flt, before_id=None, limit=None))
+    row = conn.execute(QUERIES["estimate_jobs"].replace("{where}", where), params).fetchone()
+    return int(row[0]), True
+
+
+def _op_throughput(
+    conn: sqlite3.Connection, minutes: int, now: datetime | None
+) -> list[Throughput]:
+    until = now_us(now) // _MINUTE_US * _MINUTE_US
+    since = until - (minutes - 1) * _MINUTE_US
+    completed = dict.fromkeys(range(since, until + 1, _MINUTE_US), 0)
+    failed = dict(completed)
+    for minute, n in conn.execute(QUERIES["throughput_completed"], {"since": since}):
+        if minute in completed:
+            completed[minute] += n
+    for (errors,) in conn.execute(QUERIES["throughput_errors"], {"since": since}):
+        for error in json.loads(errors):
+            if not isinstance(error, dict) or error.get("type") == "koban.Cancel":
+                continue
+            try:
+                at = to_us(datetime.fromisoformat(str(error.get("at"))))
+            except (TypeError, ValueError):
+                continue
+            minute = at // _MINUTE_US * _MINUTE_US
+            if minute in failed:
+                failed[minute] += 1
+    return [
+        Throughput(from_us(m) or datetime.min, completed[m], failed[m]) for m in sorted(completed)
+    ]
 
 
 def _op_count(conn: sqlite3.Connection) -> dict[str, dict[str, int]]:
@@ -682,6 +719,13 @@ class SQLiteEngine(Engine):
 
     async def count_by_queue_and_state(self) -> dict[str, dict[str, int]]:
         return await self._read(_op_count)
+
+    async def estimate_jobs(self, flt: JobFilter) -> tuple[int, bool]:
+        return await self._read(functools.partial(_op_estimate, flt=flt))
+
+    async def throughput(self, minutes: int = 60, now: datetime | None = None) -> list[Throughput]:
+        op = functools.partial(_op_throughput, minutes=max(1, int(minutes)), now=now)
+        return await self._read(op)
 
     # ----- runtime --------------------------------------------------------------------------
     async def fetch(

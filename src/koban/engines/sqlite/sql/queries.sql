@@ -159,3 +159,19 @@ SELECT coalesce(max(id), 0) AS id FROM koban_notifications;
 -- Notifications a listener has not seen yet, oldest first.
 SELECT id, channel, payload, origin FROM koban_notifications
 WHERE id > :after ORDER BY id LIMIT 1000;
+
+-- name: estimate_jobs
+-- How many jobs match a filter. SQLite has no planner estimate to offer, so this counts.
+SELECT count(*) AS n FROM koban_jobs WHERE {where};
+
+-- name: throughput_completed
+-- Jobs completed per minute (bucket start in microseconds) since :since.
+SELECT (completed_at / 60000000) * 60000000 AS minute, count(*) AS n
+FROM koban_jobs
+WHERE state = 'completed' AND completed_at >= :since
+GROUP BY 1;
+
+-- name: throughput_errors
+-- The errors of jobs attempted since an hour before :since: only they can hold an error
+-- recorded after :since.
+SELECT errors FROM koban_jobs WHERE attempted_at >= :since - 3600000000 AND errors <> '[]';
