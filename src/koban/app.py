@@ -422,17 +422,22 @@ class Koban:
     def plugins(self) -> list[Plugin]:
         """The plugins a node of this app runs: the defaults, each replaced by a plugin of the
         same class given in `plugins=`, then the other given plugins."""
-        defaults: list[Plugin] = [Stager()]
-        # TODO(cluster): drop this check once every engine implements the cluster methods.
-        if type(self.engine).heartbeat is not Engine.heartbeat:
-            defaults += [Heartbeat(), Leadership(), Lifeline(), Pruner(), Reindexer(), Scheduler()]
+        defaults: list[Plugin] = [
+            Stager(),
+            Heartbeat(),
+            Leadership(),
+            Lifeline(),
+            Pruner(),
+            Reindexer(),
+            Scheduler(),
+        ]
         chosen: list[Plugin] = []
         for default in defaults:
             given = [p for p in self.extra_plugins if isinstance(p, type(default))]
             chosen.append(given[0] if given else default)
         chosen += [p for p in self.extra_plugins if p not in chosen]
-        heartbeat = next((p for p in chosen if isinstance(p, Heartbeat)), Heartbeat())
-        lifeline = next((p for p in chosen if isinstance(p, Lifeline)), Lifeline())
+        heartbeat = next(p for p in chosen if isinstance(p, Heartbeat))
+        lifeline = next(p for p in chosen if isinstance(p, Lifeline))
         if lifeline.rescue_after < 2 * heartbeat.interval:
             raise ConfigurationError(
                 f"Lifeline rescue_after ({lifeline.rescue_after} s) must be at least twice the "

@@ -10,6 +10,7 @@ import pytest
 import koban
 from helpers import await_until, sql_rows
 from koban import Leadership
+from koban.engines.sqlite.rows import from_us
 from koban.errors import ConfigurationError
 
 from .conftest import AppFactory, idle_node
@@ -20,8 +21,8 @@ def lease_row(url: str) -> tuple[str, datetime] | None:
     if not rows:
         return None
     node, expires = rows[0]
-    if isinstance(expires, str):  # SQLite stores ISO text
-        expires = datetime.fromisoformat(expires)
+    if isinstance(expires, int):  # SQLite stores microseconds since the epoch
+        expires = from_us(expires)
     return node, expires.astimezone(UTC)
 
 

@@ -274,8 +274,8 @@ class Engine(ABC):
         """
 
     # ----- cluster --------------------------------------------------------------------------
-    # Plain methods until every engine implements them; then they become abstract.
 
+    @abstractmethod
     async def heartbeat(
         self, node: NodeInfo, live_within: float, now: datetime | None = None
     ) -> NodeInfo:
@@ -287,23 +287,23 @@ class Engine(ABC):
         than `live_within` seconds, or is now when there is none; registrations are serialised
         so two nodes starting together agree on it. Later heartbeats keep it and `control`.
         """
-        raise NotImplementedError(f"{type(self).__name__} does not implement heartbeat")
 
+    @abstractmethod
     async def remove_node(self, name: str) -> None:
         """Delete the node's row (a clean stop)."""
-        raise NotImplementedError(f"{type(self).__name__} does not implement remove_node")
 
+    @abstractmethod
     async def forget_nodes(self, older_than: float, now: datetime | None = None) -> int:
         """Delete rows of nodes silent for more than `older_than` seconds; return how many."""
-        raise NotImplementedError(f"{type(self).__name__} does not implement forget_nodes")
 
+    @abstractmethod
     def list_nodes_sync(self) -> list[NodeInfo]:
         """Every registered node, by name, with `leader` set on the lease holder's row."""
-        raise NotImplementedError(f"{type(self).__name__} does not implement list_nodes_sync")
 
-    async def list_nodes(self) -> list[NodeInfo]:
-        raise NotImplementedError(f"{type(self).__name__} does not implement list_nodes")
+    @abstractmethod
+    async def list_nodes(self) -> list[NodeInfo]: ...
 
+    @abstractmethod
     async def acquire_leadership(
         self, node: str, lease: float, now: datetime | None = None
     ) -> datetime | None:
@@ -312,12 +312,12 @@ class Engine(ABC):
         Succeeds when no lease exists, the lease is `node`'s own, or it has expired; atomic,
         so at most one node holds an unexpired lease.
         """
-        raise NotImplementedError(f"{type(self).__name__} does not implement acquire_leadership")
 
+    @abstractmethod
     async def resign_leadership(self, node: str) -> bool:
         """Give up the lease if `node` holds it; True if it did."""
-        raise NotImplementedError(f"{type(self).__name__} does not implement resign_leadership")
 
+    @abstractmethod
     async def rescue_jobs(
         self, rescue_after: float, limit: int, now: datetime | None = None
     ) -> list[Job]:
@@ -328,8 +328,8 @@ class Engine(ABC):
         was attempted. Each rescue appends an error entry of type `koban.Rescued` and counts
         `meta["rescued"]`. At most `limit` jobs per call; returns them as updated.
         """
-        raise NotImplementedError(f"{type(self).__name__} does not implement rescue_jobs")
 
+    @abstractmethod
     async def prune_jobs(
         self, max_age: Mapping[str, float], limit: int, now: datetime | None = None
     ) -> int:
@@ -337,7 +337,6 @@ class Engine(ABC):
 
         Only the finished states named in `max_age` are pruned. Returns how many were deleted.
         """
-        raise NotImplementedError(f"{type(self).__name__} does not implement prune_jobs")
 
     async def reindex(self) -> list[str]:
         """Rebuild the job table's indexes without blocking writes; return the ones rebuilt.
@@ -346,6 +345,7 @@ class Engine(ABC):
         """
         return []
 
+    @abstractmethod
     async def insert_cron_jobs(
         self, name: str, signature: str, plan: CronPlan, now: datetime | None = None
     ) -> list[Job]:
@@ -355,15 +355,15 @@ class Engine(ABC):
         changed), lock it, call `plan(record)`, insert the jobs it returns and record its new
         last tick. Returns the jobs as stored (conflicts marked as for `insert`).
         """
-        raise NotImplementedError(f"{type(self).__name__} does not implement insert_cron_jobs")
 
+    @abstractmethod
     def list_cron_sync(self) -> list[CronRecord]:
         """Every stored cron entry, by name."""
-        raise NotImplementedError(f"{type(self).__name__} does not implement list_cron_sync")
 
-    async def list_cron(self) -> list[CronRecord]:
-        raise NotImplementedError(f"{type(self).__name__} does not implement list_cron")
+    @abstractmethod
+    async def list_cron(self) -> list[CronRecord]: ...
 
+    @abstractmethod
     def control_queue_sync(
         self,
         queue: str,
@@ -378,29 +378,26 @@ class Engine(ABC):
         `node`, for that node only (in its row's `meta["control"]`; None removes the setting);
         returns False if no such node is registered.
         """
-        raise NotImplementedError(f"{type(self).__name__} does not implement control_queue_sync")
 
+    @abstractmethod
     async def control_queue(
         self,
         queue: str,
         changes: Mapping[str, Any],
         node: str | None = None,
         now: datetime | None = None,
-    ) -> bool:
-        raise NotImplementedError(f"{type(self).__name__} does not implement control_queue")
+    ) -> bool: ...
 
+    @abstractmethod
     def queue_settings_sync(self) -> dict[str, QueueState]:
         """The cluster-wide settings of every queue that has any (counts left empty)."""
-        raise NotImplementedError(f"{type(self).__name__} does not implement queue_settings_sync")
 
-    async def queue_settings(self) -> dict[str, QueueState]:
-        raise NotImplementedError(f"{type(self).__name__} does not implement queue_settings")
+    @abstractmethod
+    async def queue_settings(self) -> dict[str, QueueState]: ...
 
+    @abstractmethod
     def count_by_queue_and_state_sync(self) -> dict[str, dict[str, int]]:
         """Sync twin of `count_by_queue_and_state`."""
-        raise NotImplementedError(
-            f"{type(self).__name__} does not implement count_by_queue_and_state_sync"
-        )
 
     #: Seconds between polls when notifications cannot be relied on.
     poll_interval: float = 1.0

@@ -19,7 +19,7 @@ import json
 import logging
 import os
 import sqlite3
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from datetime import datetime
@@ -29,10 +29,14 @@ from koban.engines._sql import load_migrations
 from koban.engines.base import (
     INSERT_CHANNEL,
     Ack,
+    CronPlan,
+    CronRecord,
     Engine,
     JobFilter,
     MigrationStatus,
+    NodeInfo,
     NotificationHandler,
+    QueueState,
     Throughput,
 )
 from koban.engines.sqlite import notifier
@@ -194,6 +198,13 @@ def _op_insert(
                 holder = by_key.get(job.unique_key) or Job(
                     worker=job.worker, args=job.args, queue=job.queue, unique_key=job.unique_key
                 )
+                replace = getattr(job.unique, "replace", ())
+                if replace and holder.id is not None:
+                    replaced = _replace(cur, holder.id, job, replace, t)
+                    if replaced is not None:
+                        holder = by_key[job.unique_key or ""] = replaced
+                        if replaced.state is JobState.AVAILABLE:
+                            woken[replaced.queue] = None
                 dup = Job(**{f: getattr(holder, f) for f in _JOB_COLUMNS})
                 dup.conflict = True
                 out[i] = dup
@@ -760,3 +771,350 @@ class SQLiteEngine(Engine):
         on_state: Callable[[bool], Awaitable[None] | None] | None = None,
     ) -> None:
         await notifier.listen(self._key, self._open_checked, handler, on_state)
+
+    # ----- cluster --------------------------------------------------------------------------
+    async def heartbeat(
+        self, node: NodeInfo, live_within: float, now: datetime | None = None
+    ) -> NodeInfo:
+        return await self._write(
+            functools.partial(_op_heartbeat, node=node, live_within=live_within, now=now)
+        )
+
+    async def remove_node(self, name: str) -> None:
+        await self._write(functools.partial(_op_remove_node, name=name))
+
+    async def forget_nodes(self, older_than: float, now: datetime | None = None) -> int:
+        return await self._write(
+            functools.partial(_op_forget_nodes, older_than=older_than, now=now)
+        )
+
+    def list_nodes_sync(self) -> list[NodeInfo]:
+        return self._read_sync(_op_list_nodes)
+
+    async def list_nodes(self) -> list[NodeInfo]:
+        return await self._read(_op_list_nodes)
+
+    async def acquire_leadership(
+        self, node: str, lease: float, now: datetime | None = None
+    ) -> datetime | None:
+        return await self._write(
+            functools.partial(_op_acquire_leadership, node=node, lease=lease, now=now)
+        )
+
+    async def resign_leadership(self, node: str) -> bool:
+        return await self._write(functools.partial(_op_resign_leadership, node=node))
+
+    async def rescue_jobs(
+        self, rescue_after: float, limit: int, now: datetime | None = None
+    ) -> list[Job]:
+        return await self._write(
+            functools.partial(_op_rescue, rescue_after=rescue_after, limit=limit, now=now)
+        )
+
+    async def prune_jobs(
+        self, max_age: Mapping[str, float], limit: int, now: datetime | None = None
+    ) -> int:
+        # One short transaction per state: other writers get the lock in between.
+        deleted = 0
+        for state, age in max_age.items():
+            if deleted >= limit:
+                break
+            deleted += await self._write(
+                functools.partial(
+                    _op_prune, state=str(JobState(state)), age=age, limit=limit - deleted, now=now
+                )
+            )
+        return deleted
+
+    async def insert_cron_jobs(
+        self, name: str, signature: str, plan: CronPlan, now: datetime | None = None
+    ) -> list[Job]:
+        return await self._write(
+            functools.partial(_op_cron, name=name, signature=signature, plan=plan, now=now)
+        )
+
+    def list_cron_sync(self) -> list[CronRecord]:
+        return self._read_sync(_op_list_cron)
+
+    async def list_cron(self) -> list[CronRecord]:
+        return await self._read(_op_list_cron)
+
+    def control_queue_sync(
+        self,
+        queue: str,
+        changes: Mapping[str, Any],
+        node: str | None = None,
+        now: datetime | None = None,
+    ) -> bool:
+        return self._write_sync(
+            functools.partial(_op_control_queue, queue=queue, changes=changes, node=node, now=now)
+        )
+
+    async def control_queue(
+        self,
+        queue: str,
+        changes: Mapping[str, Any],
+        node: str | None = None,
+        now: datetime | None = None,
+    ) -> bool:
+        return await self._write(
+            functools.partial(_op_control_queue, queue=queue, changes=changes, node=node, now=now)
+        )
+
+    def queue_settings_sync(self) -> dict[str, QueueState]:
+        return self._read_sync(_op_queue_settings)
+
+    async def queue_settings(self) -> dict[str, QueueState]:
+        return await self._read(_op_queue_settings)
+
+    def count_by_queue_and_state_sync(self) -> dict[str, dict[str, int]]:
+        return self._read_sync(_op_count)
+
+
+# ----- cluster operations ----------------------------------------------------------------------
+_REPLACEABLE = ("args", "meta", "tags", "priority", "max_attempts", "queue", "scheduled_at")
+
+
+def _replace(
+    cur: sqlite3.Cursor, job_id: int, job: Job, fields: Sequence[str], t: int
+) -> Job | None:
+    """Update `fields` of job `job_id` from `job` if it has not started; the updated job."""
+    if job.scheduled_at is not None:
+        run_at = to_us(job.scheduled_at)
+    else:
+        run_at = t + round((job.schedule_in or 0) * 1_000_000)
+    params: dict[str, Any] = {f"set_{f}": int(f in fields) for f in _REPLACEABLE}
+    params.update(
+        id=job_id,
+        now=t,
+        args=dump_json(job.args),
+        meta=dump_json(job.meta),
+        tags=dump_json(list(job.tags)),
+        priority=job.priority,
+        max_attempts=job.max_attempts,
+        queue=job.queue,
+        scheduled_at=run_at,
+    )
+    row = cur.execute(QUERIES["replace_job"], params).fetchone()
+    return row_to_job(row) if row is not None else None
+
+
+def _row_to_node(row: sqlite3.Row) -> NodeInfo:
+    keys = row.keys()
+    return NodeInfo(
+        name=row["name"],
+        started_at=from_us(row["started_at"]),
+        heartbeat_at=from_us(row["heartbeat_at"]),
+        queues=json.loads(row["queues"]),
+        meta=json.loads(row["meta"]),
+        leader=bool(row["leader"]) if "leader" in keys else False,
+    )
+
+
+def _op_heartbeat(
+    conn: sqlite3.Connection,
+    _outbox: Outbox,
+    node: NodeInfo,
+    live_within: float,
+    now: datetime | None,
+) -> NodeInfo:
+    # The write transaction serialises registrations, so two nodes starting at once agree on
+    # when the cluster started.
+    t = now_us(now)
+    cur = _cursor(conn)
+    meta = dict(node.meta)
+    row = cur.execute(QUERIES["get_node"], {"name": node.name}).fetchone()
+    stored = json.loads(row["meta"]) if row is not None else {}
+    if row is not None and stored.get("incarnation") == meta.get("incarnation"):
+        started = row["started_at"]
+        for key in ("cluster_started_at", "control"):
+            if key in stored:
+                meta[key] = stored[key]
+    else:
+        started = t
+        since = t - round(live_within * 1_000_000)
+        starts = []
+        for other in cur.execute(
+            QUERIES["live_node_metas"], {"name": node.name, "since": since}
+        ).fetchall():
+            value = json.loads(other["meta"]).get("cluster_started_at")
+            if isinstance(value, str):
+                starts.append(datetime.fromisoformat(value))
+        cluster_start = min(starts) if starts else from_us(t)
+        meta["cluster_started_at"] = cluster_start.isoformat() if cluster_start else None
+    row = cur.execute(
+        QUERIES["upsert_node"],
+        {
+            "name": node.name,
+            "started_at": started,
+            "now": t,
+            "queues": dump_json(node.queues),
+            "meta": dump_json(meta),
+        },
+    ).fetchone()
+    return _row_to_node(row)
+
+
+def _op_remove_node(conn: sqlite3.Connection, _outbox: Outbox, name: str) -> None:
+    conn.execute(QUERIES["remove_node"], {"name": name})
+
+
+def _op_forget_nodes(
+    conn: sqlite3.Connection, _outbox: Outbox, older_than: float, now: datetime | None
+) -> int:
+    before = now_us(now) - round(older_than * 1_000_000)
+    return max(conn.execute(QUERIES["forget_nodes"], {"before": before}).rowcount, 0)
+
+
+def _op_list_nodes(conn: sqlite3.Connection) -> list[NodeInfo]:
+    return [_row_to_node(r) for r in _cursor(conn).execute(QUERIES["list_nodes"]).fetchall()]
+
+
+def _op_acquire_leadership(
+    conn: sqlite3.Connection, _outbox: Outbox, node: str, lease: float, now: datetime | None
+) -> datetime | None:
+    t = now_us(now)
+    row = conn.execute(
+        QUERIES["acquire_leadership"],
+        {"node": node, "now": t, "expires_at": t + round(lease * 1_000_000)},
+    ).fetchone()
+    return from_us(row[0]) if row is not None else None
+
+
+def _op_resign_leadership(conn: sqlite3.Connection, _outbox: Outbox, node: str) -> bool:
+    return conn.execute(QUERIES["resign_leadership"], {"node": node}).fetchone() is not None
+
+
+def _op_rescue(
+    conn: sqlite3.Connection,
+    _outbox: Outbox,
+    rescue_after: float,
+    limit: int,
+    now: datetime | None,
+) -> list[Job]:
+    t = now_us(now)
+    at = from_us(t)
+    rows = (
+        _cursor(conn)
+        .execute(
+            QUERIES["rescue_jobs"],
+            {
+                "now": t,
+                "at": at.isoformat() if at else None,
+                "since": t - round(rescue_after * 1_000_000),
+                "limit": limit,
+            },
+        )
+        .fetchall()
+    )
+    return sorted((row_to_job(r) for r in rows), key=lambda j: j.id or 0)
+
+
+def _op_prune(
+    conn: sqlite3.Connection,
+    _outbox: Outbox,
+    state: str,
+    age: float,
+    limit: int,
+    now: datetime | None,
+) -> int:
+    before = now_us(now) - round(age * 1_000_000)
+    cur = conn.execute(QUERIES["prune_jobs"], {"state": state, "before": before, "limit": limit})
+    return max(cur.rowcount, 0)
+
+
+def _cron_record(row: sqlite3.Row) -> CronRecord:
+    updated = from_us(row["updated_at"])
+    assert updated is not None
+    return CronRecord(
+        name=row["name"],
+        signature=row["signature"],
+        last_tick=from_us(row["last_tick"]),
+        updated_at=updated,
+    )
+
+
+def _op_cron(
+    conn: sqlite3.Connection,
+    outbox: Outbox,
+    name: str,
+    signature: str,
+    plan: CronPlan,
+    now: datetime | None,
+) -> list[Job]:
+    # BEGIN IMMEDIATE already holds the write lock: no other scheduler can read this record
+    # until the jobs and the new last tick are committed together.
+    t = now_us(now)
+    params = {"name": name, "signature": signature, "now": t}
+    cur = _cursor(conn)
+    cur.execute(QUERIES["cron_create"], params)
+    record = _cron_record(cur.execute(QUERIES["cron_get"], {"name": name}).fetchone())
+    if record.signature != signature:
+        record = _cron_record(cur.execute(QUERIES["cron_reset"], params).fetchone())
+    jobs, last_tick = plan(record)
+    inserted = _op_insert(conn, outbox, jobs, now) if jobs else []
+    if last_tick is not None:
+        cur.execute(QUERIES["cron_advance"], {**params, "tick": to_us(last_tick)})
+    return inserted
+
+
+def _op_list_cron(conn: sqlite3.Connection) -> list[CronRecord]:
+    return [_cron_record(r) for r in _cursor(conn).execute(QUERIES["list_cron"]).fetchall()]
+
+
+def _op_control_queue(
+    conn: sqlite3.Connection,
+    _outbox: Outbox,
+    queue: str,
+    changes: Mapping[str, Any],
+    node: str | None,
+    now: datetime | None,
+) -> bool:
+    unknown = set(changes) - {"paused", "limit"}
+    if unknown:
+        raise ValueError(f"unknown queue setting(s): {', '.join(sorted(unknown))}")
+    cur = _cursor(conn)
+    if node is None:
+        paused = changes.get("paused")
+        cur.execute(
+            QUERIES["control_queue"],
+            {
+                "queue": queue,
+                "paused": None if paused is None else int(bool(paused)),
+                "limit": changes.get("limit"),
+                "set_paused": int("paused" in changes),
+                "set_limit": int("limit" in changes),
+                "now": now_us(now),
+            },
+        )
+        # A cluster-wide setting replaces the per-node ones of the same keys.
+        for row in cur.execute(QUERIES["node_metas"]).fetchall():
+            meta = json.loads(row["meta"])
+            settings = meta.get("control", {}).get(queue)
+            if isinstance(settings, dict) and any(k in settings for k in changes):
+                for key in changes:
+                    settings.pop(key, None)
+                conn.execute(
+                    QUERIES["set_node_meta"], {"name": row["name"], "meta": dump_json(meta)}
+                )
+        return True
+    row = cur.execute(QUERIES["get_node"], {"name": node}).fetchone()
+    if row is None:
+        return False
+    meta = json.loads(row["meta"])
+    control = meta.setdefault("control", {})
+    settings = control.setdefault(queue, {})
+    for key, value in changes.items():
+        if value is None:
+            settings.pop(key, None)
+        else:
+            settings[key] = value
+    conn.execute(QUERIES["set_node_meta"], {"name": node, "meta": dump_json(meta)})
+    return True
+
+
+def _op_queue_settings(conn: sqlite3.Connection) -> dict[str, QueueState]:
+    return {
+        r["name"]: QueueState(name=r["name"], paused=bool(r["paused"]), limit=r["limit"])
+        for r in _cursor(conn).execute(QUERIES["queue_settings"]).fetchall()
+    }

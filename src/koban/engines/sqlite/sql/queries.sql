@@ -175,3 +175,156 @@ GROUP BY 1;
 -- The errors of jobs attempted since an hour before :since: only they can hold an error
 -- recorded after :since.
 SELECT errors FROM koban_jobs WHERE attempted_at >= :since - 3600000000 AND errors <> '[]';
+
+-- ----- cluster -------------------------------------------------------------------------------
+
+-- name: replace_job
+-- On a unique conflict, update the chosen fields (:set_* = 1) of the existing job while it
+-- has not started; a new scheduled_at also moves it between available and scheduled.
+UPDATE koban_jobs
+SET args = CASE WHEN :set_args THEN :args ELSE args END,
+    meta = CASE WHEN :set_meta THEN :meta ELSE meta END,
+    tags = CASE WHEN :set_tags THEN :tags ELSE tags END,
+    priority = CASE WHEN :set_priority THEN :priority ELSE priority END,
+    max_attempts = CASE WHEN :set_max_attempts THEN :max_attempts ELSE max_attempts END,
+    queue = CASE WHEN :set_queue THEN :queue ELSE queue END,
+    state = CASE WHEN :set_scheduled_at AND state IN ('available', 'scheduled')
+                 THEN CASE WHEN :scheduled_at > :now THEN 'scheduled' ELSE 'available' END
+                 ELSE state END,
+    scheduled_at = CASE WHEN :set_scheduled_at THEN :scheduled_at ELSE scheduled_at END
+WHERE id = :id AND state IN ('available', 'scheduled', 'retryable')
+RETURNING *;
+
+-- name: get_node
+-- One registered node.
+SELECT * FROM koban_nodes WHERE name = :name;
+
+-- name: live_node_metas
+-- The meta of every other node heartbeating since :since.
+SELECT meta FROM koban_nodes WHERE name <> :name AND heartbeat_at > :since;
+
+-- name: upsert_node
+-- Register or refresh a node with values the caller computed.
+INSERT INTO koban_nodes (name, started_at, heartbeat_at, queues, meta)
+VALUES (:name, :started_at, :now, :queues, :meta)
+ON CONFLICT (name) DO UPDATE SET
+    started_at = excluded.started_at,
+    heartbeat_at = excluded.heartbeat_at,
+    queues = excluded.queues,
+    meta = excluded.meta
+RETURNING *;
+
+-- name: remove_node
+-- A node's clean goodbye.
+DELETE FROM koban_nodes WHERE name = :name;
+
+-- name: forget_nodes
+-- Drop rows of nodes silent since before :before.
+DELETE FROM koban_nodes WHERE heartbeat_at < :before;
+
+-- name: list_nodes
+-- Every registered node, marking the lease holder.
+SELECT n.*, (l.node IS NOT NULL) AS leader
+FROM koban_nodes AS n LEFT JOIN koban_leader AS l ON l.node = n.name
+ORDER BY n.name;
+
+-- name: set_node_meta
+-- Replace one node's meta.
+UPDATE koban_nodes SET meta = :meta WHERE name = :name;
+
+-- name: node_metas
+-- Every node's meta, for edits made in Python.
+SELECT name, meta FROM koban_nodes;
+
+-- name: acquire_leadership
+-- Take the lease if it is free or expired, or renew our own; returns a row only on success.
+INSERT INTO koban_leader (name, node, elected_at, expires_at)
+VALUES ('koban', :node, :now, :expires_at)
+ON CONFLICT (name) DO UPDATE SET
+    node = excluded.node,
+    elected_at = CASE WHEN koban_leader.node = excluded.node
+                      THEN koban_leader.elected_at ELSE excluded.elected_at END,
+    expires_at = excluded.expires_at
+WHERE koban_leader.node = excluded.node OR koban_leader.expires_at <= excluded.elected_at
+RETURNING expires_at;
+
+-- name: resign_leadership
+-- Give the lease up at once.
+DELETE FROM koban_leader WHERE node = :node RETURNING node;
+
+-- name: rescue_jobs
+-- Executing jobs whose node is dead (no heartbeat since :since) or restarted since it took
+-- them go back to available, or to discarded without an attempt left; each rescue is recorded.
+UPDATE koban_jobs
+SET state = CASE WHEN attempt >= max_attempts THEN 'discarded' ELSE 'available' END,
+    discarded_at = CASE WHEN attempt >= max_attempts THEN :now ELSE discarded_at END,
+    scheduled_at = CASE WHEN attempt >= max_attempts THEN scheduled_at ELSE :now END,
+    errors = json_insert(errors, '$[#]', json_object(
+        'attempt', attempt,
+        'at', :at,
+        'type', 'koban.Rescued',
+        'message', 'node ' || coalesce(json_extract(attempted_by, '$[0]'), '?')
+                   || ' stopped, or lost the database, while running this attempt; rescued',
+        'traceback', NULL)),
+    meta = json_set(meta, '$.rescued', coalesce(json_extract(meta, '$.rescued'), 0) + 1)
+WHERE id IN (
+    SELECT j.id FROM koban_jobs AS j
+    WHERE j.state = 'executing'
+      AND NOT EXISTS (
+          SELECT 1 FROM koban_nodes AS n
+          WHERE n.name = json_extract(j.attempted_by, '$[0]')
+            AND n.heartbeat_at > :since
+            AND n.started_at <= j.attempted_at)
+    ORDER BY j.id
+    LIMIT :limit)
+RETURNING *;
+
+-- name: prune_jobs
+-- Delete up to :limit jobs of one finished state that finished before :before, oldest first
+-- (koban_jobs_finished_idx serves it).
+DELETE FROM koban_jobs
+WHERE id IN (
+    SELECT id FROM koban_jobs
+    WHERE state = :state
+      AND (CASE state WHEN 'completed' THEN completed_at WHEN 'cancelled' THEN cancelled_at
+           ELSE discarded_at END) < :before
+    ORDER BY (CASE state WHEN 'completed' THEN completed_at WHEN 'cancelled' THEN cancelled_at
+              ELSE discarded_at END)
+    LIMIT :limit);
+
+-- name: cron_create
+-- Start tracking a cron entry (no tick inserted yet; updated_at is when counting starts).
+INSERT INTO koban_cron (name, expression, last_tick, updated_at)
+VALUES (:name, :signature, NULL, :now)
+ON CONFLICT (name) DO NOTHING;
+
+-- name: cron_get
+-- One cron entry's record (the write transaction holds the lock).
+SELECT name, expression AS signature, last_tick, updated_at FROM koban_cron WHERE name = :name;
+
+-- name: cron_reset
+-- The entry's schedule changed: start counting afresh.
+UPDATE koban_cron SET expression = :signature, last_tick = NULL, updated_at = :now
+WHERE name = :name
+RETURNING name, expression AS signature, last_tick, updated_at;
+
+-- name: cron_advance
+-- Record the newest tick handled.
+UPDATE koban_cron SET last_tick = :tick, updated_at = :now WHERE name = :name;
+
+-- name: list_cron
+-- Every tracked cron entry.
+SELECT name, expression AS signature, last_tick, updated_at FROM koban_cron ORDER BY name;
+
+-- name: control_queue
+-- Set a queue's cluster-wide settings; only the flagged ones change.
+INSERT INTO koban_queues (name, paused, "limit", updated_at)
+VALUES (:queue, coalesce(:paused, 0), :limit, :now)
+ON CONFLICT (name) DO UPDATE SET
+    paused = CASE WHEN :set_paused THEN excluded.paused ELSE koban_queues.paused END,
+    "limit" = CASE WHEN :set_limit THEN excluded."limit" ELSE koban_queues."limit" END,
+    updated_at = excluded.updated_at;
+
+-- name: queue_settings
+-- Cluster-wide queue settings.
+SELECT name, paused, "limit" FROM koban_queues ORDER BY name;
