@@ -90,6 +90,8 @@ def test_migrate_takes_the_database_from_an_app(
 ) -> None:
     monkeypatch.setenv("KOBAN_DATABASE_URL", fresh_db_url)
     monkeypatch.syspath_prepend(str(TESTS_DIR))
+    # The app module reads the URL at import: import it afresh for this database.
+    monkeypatch.delitem(sys.modules, "apps.nodeapp", raising=False)
     result = run("migrate", "--app", "apps.nodeapp:app")
     assert result.exit_code == 0, result.output
     assert create_engine(fresh_db_url).migration_status().up_to_date
@@ -119,11 +121,10 @@ def test_migrate_hides_the_password() -> None:
     assert "hunter2" not in line
 
 
-def test_start_errors_are_one_line(
-    fresh_db_url: str, pg_url: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_start_errors_are_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.syspath_prepend(str(TESTS_DIR))
-    monkeypatch.setenv("KOBAN_DATABASE_URL", pg_url)
+    monkeypatch.setenv("KOBAN_DATABASE_URL", f"sqlite:///{tmp_path / 'unused.db'}")
+    monkeypatch.delitem(sys.modules, "apps.nodeapp", raising=False)
     cases = [
         (["--app", "no_such_module:app"], 2, "cannot import 'no_such_module'"),
         (["--app", "apps.nodeapp:nothing"], 2, "no attribute 'nothing'"),
