@@ -74,9 +74,10 @@ def test_node_metrics_count_executions_and_read_the_database(
         def scraped() -> str | None:
             text = httpx.get(url).text
             done = value(text, "koban_jobs", queue="default", state="completed")
-            return text if done == 2 else None
+            failed = value(text, "koban_jobs", queue="mailers", state="discarded")
+            return text if (done, failed) == (2, 1) else None
 
-        text = wait_until(scraped, what="the gauges to show 2 completed jobs")
+        text = wait_until(scraped, what="the gauges to show 2 completed and 1 discarded job")
         assert value(
             text, "koban_job_executions_total", queue="default", worker=GREET, outcome="completed"
         ) == 2  # fmt: skip
@@ -119,7 +120,7 @@ def test_koban_start_metrics_port(pg_url: str, tmp_path: Any) -> None:
     log = open(tmp_path / "node.log", "wb")
     proc = subprocess.Popen(
         [sys.executable, "-m", "koban.cli", "start", "--app", "web.opsapp:app",
-         "--metrics-port", str(port), "--metrics-addr", "127.0.0.1"],
+         "--metrics-port", str(port), "--metrics-addr", "127.0.0.1", "--metrics-interval", "0.2"],
         env=subprocess_env(pg_url), cwd=str(TESTS_DIR), stdout=log, stderr=subprocess.STDOUT,
     )  # fmt: skip
     try:

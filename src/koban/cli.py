@@ -120,6 +120,13 @@ def migrate(database: str | None, app_path: str | None, status: bool, print_sql:
     help="Serve Prometheus metrics on this port (needs the prometheus extra).",
 )
 @click.option("--metrics-addr", default="0.0.0.0", show_default=True, help="Address for metrics.")
+@click.option(
+    "--metrics-interval",
+    type=click.FloatRange(min=0.1),
+    default=15.0,
+    show_default=True,
+    help="Seconds between reads of job counts and nodes for the metrics.",
+)
 def start(
     app_path: str,
     queues: str | None,
@@ -127,6 +134,7 @@ def start(
     log_level: str,
     metrics_port: int | None,
     metrics_addr: str,
+    metrics_interval: float,
 ) -> None:
     """Run a node: fetch and run jobs until SIGTERM or SIGINT."""
     logging.basicConfig(
@@ -138,18 +146,18 @@ def start(
 
     JobLogger().attach(app.telemetry)
     if metrics_port is not None:
-        _serve_metrics(app, metrics_port, metrics_addr)
+        _serve_metrics(app, metrics_port, metrics_addr, metrics_interval)
     run_guarded(app.run, queues=queue_map, node=node)
 
 
-def _serve_metrics(app: Koban, port: int, addr: str) -> None:
+def _serve_metrics(app: Koban, port: int, addr: str, interval: float) -> None:
     try:
         from koban.contrib.prometheus import PrometheusMetrics
     except ImportError:
         fail("--metrics-port needs the prometheus extra: pip install 'koban[prometheus]'")
     metrics = PrometheusMetrics()
     metrics.attach(app.telemetry)
-    app.extra_plugins.append(metrics.plugin(app))
+    app.extra_plugins.append(metrics.plugin(app, interval))
     try:
         metrics.serve(port, addr)
     except OSError as exc:

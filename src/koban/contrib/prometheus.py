@@ -37,6 +37,7 @@ from prometheus_client import (
 )
 
 from koban.plugins.base import Plugin
+from koban.plugins.lifeline import DEFAULT_RESCUE_AFTER
 from koban.telemetry import Telemetry
 from koban.web.stats import job_counts
 
@@ -47,8 +48,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("koban.metrics")
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
-#: A node is live while its last heartbeat is younger than this many seconds.
-LIVE_WITHIN = 60.0
+#: A node is live while its last heartbeat is younger than this (the lifeline's default).
+LIVE_WITHIN = DEFAULT_RESCUE_AFTER
 
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900)
 WAIT_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 3600)
@@ -83,6 +84,8 @@ class PrometheusMetrics:
             "koban_queue_depth", "Available jobs waiting for a slot.", ["queue"], registry=r
         )
         self.nodes_live = Gauge("koban_nodes_live", "Nodes with a recent heartbeat.", registry=r)
+        self._job_labels: set[tuple[str, ...]] = set()
+        self._depth_labels: set[tuple[str, ...]] = set()
 
     # ----- telemetry ------------------------------------------------------------------------
     def attach(self, telemetry: Telemetry) -> Callable[[], None]:
@@ -109,12 +112,16 @@ class PrometheusMetrics:
     async def refresh(self, app: Koban) -> None:
         """Read job counts and live nodes from the database into the gauges."""
         counts = await job_counts(app)
-        self.jobs.clear()
-        self.queue_depth.clear()
-        for queue, by_state in counts.by_queue.items():
-            for state, n in by_state.items():
-                self.jobs.labels(queue, state).set(n)
-            self.queue_depth.labels(queue).set(by_state.get("available", 0))
+        # Set every value, then drop label sets that are gone: clearing first would let a
+        # scrape running in another thread see a half-filled table.
+        jobs: dict[tuple[str, ...], float] = {
+            (q, s): n for q, by_state in counts.by_queue.items() for s, n in by_state.items()
+        }
+        depth: dict[tuple[str, ...], float] = {
+            (q,): by_state.get("available", 0) for q, by_state in counts.by_queue.items()
+        }
+        self._job_labels = _replace(self.jobs, jobs, self._job_labels)
+        self._depth_labels = _replace(self.queue_depth, depth, self._depth_labels)
         self.jobs_exact.set(1 if counts.exact else 0)
         list_nodes = getattr(app, "alist_nodes", None)
         if list_nodes is not None:
@@ -142,6 +149,17 @@ class PrometheusMetrics:
         server, _thread = start_http_server(port, addr=addr, registry=self.registry)
         log.info("metrics at http://%s:%d/metrics", addr, port)
         return server
+
+
+def _replace(
+    gauge: Gauge, values: dict[tuple[str, ...], float], previous: set[tuple[str, ...]]
+) -> set[tuple[str, ...]]:
+    """Set `values` on `gauge`, remove the label sets of `previous` now gone; return the new."""
+    for labels, value in values.items():
+        gauge.labels(*labels).set(value)
+    for labels in previous - values.keys():
+        gauge.remove(*labels)
+    return set(values)
 
 
 class _Refresh(Plugin):
