@@ -44,8 +44,6 @@ def insert(url: str, worker: str = "web.opsapp.greet", **kw: str) -> dict[str, A
 
 @pytest.fixture(params=["postgres", "sqlite"])
 def url(request: pytest.FixtureRequest) -> str:
-    if request.param == "sqlite":
-        pytest.importorskip("koban.engines.sqlite.engine")
     return request.getfixturevalue("pg_url" if request.param == "postgres" else "sqlite_url")
 
 
@@ -174,8 +172,7 @@ def test_stats_counts_by_queue_and_state(url: str) -> None:
     assert table.stdout.splitlines()[0].split()[:3] == ["QUEUE", "AVAILABLE", "SCHEDULED"]
 
 
-def test_queues_pause_resume_scale(pg_url: str, run_node: Any) -> None:
-    url = pg_url
+def test_queues_pause_resume_scale(url: str, run_node: Any) -> None:
     run_node(build(url, node="cli-node-1"))
     wait_until(lambda: run_json("nodes", "-d", url), what="the node to register")
 
@@ -205,31 +202,31 @@ def test_queues_pause_resume_scale(pg_url: str, run_node: Any) -> None:
     assert table[0].split()[:5] == ["QUEUE", "STATUS", "LIMIT", "NODES", "RUNNING"]
 
 
-def test_queue_commands_reject_unknown_names(pg_url: str, run_node: Any) -> None:
-    unknown = run("queues", "pause", "mailerz", "-d", pg_url)
+def test_queue_commands_reject_unknown_names(url: str) -> None:
+    unknown = run("queues", "pause", "mailerz", "-d", url)
     assert unknown.exit_code == 2
     assert "unknown queue 'mailerz'" in unknown.stderr
     assert len(unknown.stderr.strip().splitlines()) == 1
 
-    no_node = run("queues", "pause", "default", "--node", "ghost", "-d", pg_url)
+    no_node = run("queues", "pause", "default", "--node", "ghost", "-d", url)
     assert no_node.exit_code == 2
     assert "ghost" in no_node.stderr
 
-    bad_limit = run("queues", "scale", "default", "lots", "-d", pg_url)
+    bad_limit = run("queues", "scale", "default", "lots", "-d", url)
     assert bad_limit.exit_code == 2
     assert "LIMIT must be a whole number" in bad_limit.stderr
 
 
-def test_nodes_lists_the_leader_and_heartbeats(pg_url: str, run_node: Any) -> None:
-    assert run("nodes", "-d", pg_url).stdout.strip() == "no nodes are registered"
-    run_node(build(pg_url, node="cli-node-a"))
+def test_nodes_lists_the_leader_and_heartbeats(url: str, run_node: Any) -> None:
+    assert run("nodes", "-d", url).stdout.strip() == "no nodes are registered"
+    run_node(build(url, node="cli-node-a"))
     found = wait_until(
-        lambda: [n for n in run_json("nodes", "-d", pg_url) if n["leader"]],
+        lambda: [n for n in run_json("nodes", "-d", url) if n["leader"]],
         what="the node to register and lead",
     )
     assert [n["name"] for n in found] == ["cli-node-a"]
     assert set(found[0]["queues"]) == {"default", "mailers"}
-    table = run("nodes", "-d", pg_url).stdout.splitlines()
+    table = run("nodes", "-d", url).stdout.splitlines()
     assert table[0].split() == ["NODE", "ROLE", "STARTED", "HEARTBEAT", "QUEUES"]
     assert table[1].split()[:2] == ["cli-node-a", "leader"]
 
