@@ -814,6 +814,53 @@ def nodes(database: str | None, app_path: str | None, as_json: bool) -> None:
     click.echo(_table(["node", "role", "started", "heartbeat", "queues"], rows))
 
 
+@main.group()
+def cron() -> None:
+    """Cron entries: jobs the cluster's leader inserts on a schedule."""
+
+
+@cron.command("list")
+@click.option("--app", "app_path", required=True, help="The app whose cron entries to list.")
+@click.option("--database", "-d", help="Read their state from this database instead.")
+@_json_option
+def cron_list(app_path: str, database: str | None, as_json: bool) -> None:
+    """Every entry: its schedule, next run in its own time zone and in UTC, last inserted tick."""
+    app, _ = _ops_app(database, app_path)
+    entries = run_guarded(app.cron_entries)
+    app.engine.close_sync()
+    if as_json:
+        _print_json([
+            {
+                "name": e.name, "expression": e.expression, "timezone": e.timezone,
+                "worker": e.worker, "queue": e.queue, "catch_up": e.catch_up,
+                "next_run": e.next_run, "next_run_utc": e.next_run_utc, "last_tick": e.last_tick,
+            }
+            for e in entries
+        ])  # fmt: skip
+        return
+    if not entries:
+        click.echo(f"{app_path} has no cron entries")
+        return
+    rows = [
+        [
+            e.name,
+            e.expression,
+            e.timezone,
+            e.next_run.strftime("%Y-%m-%d %H:%M %Z") if e.next_run else "at cluster start",
+            e.next_run_utc.strftime("%Y-%m-%d %H:%M UTC") if e.next_run_utc else "-",
+            e.last_tick.strftime("%Y-%m-%d %H:%M UTC") if e.last_tick else "never",
+            e.catch_up,
+        ]
+        for e in entries
+    ]
+    click.echo(
+        _table(
+            ["entry", "schedule", "zone", "next run", "next run (utc)", "last tick", "catch-up"],
+            rows,
+        )
+    )
+
+
 @main.command("dashboard")
 @_database_options
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
