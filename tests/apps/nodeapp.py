@@ -1,6 +1,6 @@
 """An app for subprocess tests, configured through the environment.
 
-- KOBAN_DATABASE_URL: the database (set by tests.helpers.subprocess_env)
+- KOBAN_DATABASE_URL: the database (set by helpers.subprocess_env)
 - KOBAN_TEST_GRACE: shutdown grace in seconds (default 5)
 - KOBAN_TEST_LEDGER: a file every `record` job appends "<job id> <pid>" to
 
