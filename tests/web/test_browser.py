@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import playwright.sync_api
 import pytest
 
 import koban
@@ -17,8 +18,6 @@ from helpers import REPO_DIR, wait_until
 from koban.web import TokenAuth, dashboard
 from web.conftest import serve
 from web.opsapp import FLAKY, GREET, build, enqueue
-
-playwright = pytest.importorskip("playwright.sync_api")
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -37,7 +36,7 @@ TOKEN = "browser-test-token-0123"
 def browser() -> Iterator[Any]:
     if not os.path.exists(CHROMIUM):
         pytest.fail(f"{CHROMIUM} is missing: install Debian's chromium package (see .ci/run)")
-    with playwright.sync_playwright() as p:
+    with playwright.sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
         yield browser
         browser.close()
@@ -58,7 +57,7 @@ def state_of(app: koban.Koban, job_id: int) -> str | None:
 def test_find_a_failed_job_retry_it_and_watch_it_complete(
     pg_url: str, browser: Any, run_node: Callable[[koban.Koban], Any]
 ) -> None:
-    expect = playwright.expect
+    expect = playwright.sync_api.expect
     app = build(pg_url)
     done = [enqueue(app, GREET, {"n": n}) for n in range(3)]
     failing = enqueue(app, FLAKY, {"to": "ada@example.com", "fail": True}, tags=["newsletter"])
