@@ -88,10 +88,10 @@ def test_queue_actions_and_node_table(
 
     def node_shown() -> str | None:
         text = client.get("/").text
-        return text if "web-node-1" in text else None
+        # The node registers first and takes the leadership lease a moment later.
+        return text if "web-node-1" in text and 'class="badge leader"' in text else None
 
-    overview = wait_until(node_shown, what="the node to appear on the overview")
-    assert "leader" in overview
+    overview = wait_until(node_shown, what="the node to appear on the overview as leader")
     token = csrf_of(overview)
 
     def act(**form: str) -> httpx.Response:
