@@ -85,6 +85,10 @@ class Koban:
 
     `database` is a URL (`postgresql://...` or `sqlite:///path.db`); without one,
     `KOBAN_DATABASE_URL` is used, and without that the SQLite file `./koban.db`.
+
+    `cron` lists `koban.Cron` entries the cluster's leader inserts on schedule. `plugins`
+    replaces default plugins of the same class (Stager, Heartbeat, Leadership, Lifeline,
+    Pruner, Reindexer, Scheduler) or adds others; see docs/cluster.md.
     """
 
     def __init__(

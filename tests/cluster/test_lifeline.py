@@ -126,3 +126,22 @@ async def test_long_silent_nodes_are_forgotten(apps: AppFactory, clock: koban.Fr
     await beat.tick(live)
     await lifeline.tick(live)
     assert [n.name for n in await app.alist_nodes()] == ["live"]
+
+
+async def test_a_leader_whose_own_heartbeat_is_late_rescues_nothing(
+    apps: AppFactory, clock: koban.FrozenClock
+) -> None:
+    """After a pause longer than the window (a stopped process, a clock jump), the leader's own
+    jobs would look dead: it waits for its own heartbeat before judging anyone."""
+    app = apps(clock=clock)
+    await app.open()
+    leader, beat = await register(app, "leader")
+    [job] = await app.aenqueue_many([Job(worker="w.a")])
+    await take(app, leader)
+    lifeline = Lifeline(rescue_after=15)
+    clock.advance(60)
+    assert await lifeline.tick(leader) == 0
+    await beat.tick(leader)
+    assert await lifeline.tick(leader) == 0
+    stored = await app.aget_job(job.id or 0)
+    assert stored is not None and stored.state is JobState.EXECUTING

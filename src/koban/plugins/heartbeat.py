@@ -75,6 +75,7 @@ class Heartbeat(Plugin):
 
     async def _beat(self, node: Node) -> NodeInfo:
         info = await node.engine.heartbeat(self._info(node), node.live_within, now=node.db_now())
+        node.last_heartbeat = node.clock.now()
         started = info.meta.get("cluster_started_at")
         if isinstance(started, str):
             node.cluster_started_at = datetime.fromisoformat(started)

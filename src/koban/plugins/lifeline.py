@@ -67,6 +67,11 @@ class Lifeline(Plugin):
 
     async def tick(self, node: Node) -> int:
         """Rescue one batch of orphaned jobs; return how many."""
+        last = node.last_heartbeat
+        if last is not None and (node.clock.now() - last).total_seconds() > self.rescue_after / 2:
+            # This node's own heartbeat is late (the process was paused, or the database is
+            # struggling): its own jobs would look dead too. Judge others once it has caught up.
+            return 0
         now = node.db_now()
         rescued = await node.engine.rescue_jobs(self.rescue_after, self.batch, now=now)
         if rescued:

@@ -74,6 +74,8 @@ class Node:
         self._leader_flag = False
         #: When the cluster this node belongs to was started (set by the heartbeat).
         self.cluster_started_at: datetime | None = None
+        #: The clock's time of this node's last successful heartbeat (None: it has none).
+        self.last_heartbeat: datetime | None = None
         #: Seconds a silent node still counts as alive: the Lifeline's rescue window.
         self.live_within = next(
             (float(p.rescue_after) for p in self.plugins if hasattr(p, "rescue_after")),
