@@ -168,9 +168,11 @@ class NodeProcess:
         queues: str | None = None,
         node: str | None = None,
         env: Mapping[str, str] | None = None,
+        prefix: Sequence[str] = (),
     ) -> None:
+        """`prefix` goes before the command, e.g. ["ip", "netns", "exec", name]."""
         self.log_path = log_path
-        cmd = [sys.executable, "-m", "koban.cli", "start", "--app", app]
+        cmd = [*prefix, sys.executable, "-m", "koban.cli", "start", "--app", app]
         if queues:
             cmd += ["--queues", queues]
         if node:

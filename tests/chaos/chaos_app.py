@@ -8,6 +8,8 @@
 - KOBAN_CHAOS_GRACE           shutdown grace in seconds (default 3)
 - KOBAN_CHAOS_HEARTBEAT       seconds between node heartbeats (default 0.5)
 - KOBAN_CHAOS_RESCUE_AFTER    seconds without a heartbeat before a node's jobs are rescued (3)
+- KOBAN_CHAOS_LEASE           leadership lease in seconds (default 3)
+- KOBAN_CHAOS_PRUNE_AFTER     if set, prune finished jobs older than this many seconds
 
 Durations and failures are drawn from a generator seeded by (job id, attempt), so a run can be
 replayed when an invariant breaks.
@@ -19,9 +21,9 @@ import asyncio
 import os
 import random
 import time
-from typing import Any
 
 import koban
+import koban.plugins.base
 
 from .ledger import LedgerWriter
 
@@ -30,16 +32,26 @@ FAIL_RATE = float(os.environ.get("KOBAN_CHAOS_FAIL_RATE", "0.1"))
 MAX_ATTEMPTS = 5
 
 
-def cluster_options() -> dict[str, Any]:
-    """Short heartbeat and rescue windows, so a killed node's jobs come back in seconds."""
-    return {}
+def cluster_plugins() -> list[koban.plugins.base.Plugin]:
+    """Short heartbeat, lease and rescue windows, so a killed node's jobs return in seconds."""
+    heartbeat = float(os.environ.get("KOBAN_CHAOS_HEARTBEAT", "0.5"))
+    rescue_after = float(os.environ.get("KOBAN_CHAOS_RESCUE_AFTER", "3"))
+    plugins: list[koban.plugins.base.Plugin] = [
+        koban.Heartbeat(interval=heartbeat),
+        koban.Leadership(lease=float(os.environ.get("KOBAN_CHAOS_LEASE", "3"))),
+        koban.Lifeline(rescue_after=rescue_after, interval=heartbeat),
+    ]
+    prune_after = os.environ.get("KOBAN_CHAOS_PRUNE_AFTER")
+    if prune_after:
+        plugins.append(koban.Pruner(max_age=float(prune_after), interval=1.0))
+    return plugins
 
 
 app = koban.Koban(
     os.environ["KOBAN_DATABASE_URL"],
     queues={"chaos": int(os.environ.get("KOBAN_CHAOS_SLOTS", "10"))},
     shutdown_grace=float(os.environ.get("KOBAN_CHAOS_GRACE", "3")),
-    **cluster_options(),
+    plugins=cluster_plugins(),
 )
 
 _ledger: LedgerWriter | None = None

@@ -49,6 +49,8 @@ class ChaosCluster:
         }
         self.nodes: dict[int, NodeProcess] = {}
         self.names: dict[int, str] = {}
+        #: Per slot: the database URL its node uses and a command prefix (a network namespace).
+        self.placement: dict[int, tuple[str, list[str]]] = {}
         self.generation = 0
         #: How every process that has ended did so, by pid.
         self.exits: dict[int, Exit] = {}
@@ -61,15 +63,26 @@ class ChaosCluster:
         for node in self.nodes.values():
             node.wait_started(timeout=30)
 
+    def add(self, url: str | None = None, prefix: list[str] | None = None) -> int:
+        """Start one more node, optionally reaching the database at another URL from inside
+        a command prefix; return its slot once it has started."""
+        slot = max(self.placement, default=self.size - 1) + 1
+        slot = max(slot, self.size)
+        self.placement[slot] = (url or self.url, prefix or [])
+        self._spawn(slot).wait_started(timeout=30)
+        return slot
+
     def _spawn(self, slot: int) -> NodeProcess:
         self.generation += 1
         name = f"chaos{slot}-{self.generation}"
+        url, prefix = self.placement.get(slot, (self.url, []))
         node = NodeProcess(
             APP,
-            self.url,
+            url,
             self.log_dir / f"{name}.log",
             node=name,
             env=self.env,
+            prefix=prefix,
         )
         self.nodes[slot] = node
         self.names[slot] = name
@@ -105,10 +118,16 @@ class ChaosCluster:
         return self.exits[node.pid]
 
     def strike(self, rng: random.Random, kill_share: float = 0.5) -> Exit:
-        """SIGKILL (with chance `kill_share`) or SIGTERM a random node, then start a new one."""
+        """SIGKILL or SIGTERM a random node, then start a new one in its place.
+
+        SIGKILL is chosen so that kills stay at `kill_share` of all strikes so far: every run,
+        however short, has both kinds.
+        """
         self.check_alive()
-        slot = rng.randrange(self.size)
-        sig = signal.SIGKILL if rng.random() < kill_share else signal.SIGTERM
+        slot = rng.choice(sorted(self.nodes))
+        kills = sum(1 for e in self.exits.values() if e.killed)
+        strikes = sum(1 for e in self.exits.values() if e.sent is not None)
+        sig = signal.SIGKILL if kills < kill_share * (strikes + 1) else signal.SIGTERM
         ended = self.stop_node(slot, sig)
         self._spawn(slot).wait_started(timeout=30)
         return ended

@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import signal
 from collections import defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from .ledger import Event
 
 FINISHED = {"completed", "discarded", "cancelled"}
+#: The error type the lifeline records for an attempt it took back from a dead node.
+RESCUED = "koban.Rescued"
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,6 +27,8 @@ class JobRow:
     attempt: int
     max_attempts: int
     errors: list[dict[str, Any]] = field(default_factory=list)
+    #: When the table says the job completed, in wall-clock ns (None: not completed).
+    completed_at_ns: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,15 +49,21 @@ class Exit:
 def read_jobs(url: str) -> list[JobRow]:
     """Every job row, for the checks below."""
     import json
+    from datetime import datetime
 
     from helpers import sql_rows
 
-    rows = sql_rows(url, "SELECT id, state, attempt, max_attempts, errors FROM koban_jobs")
+    rows = sql_rows(
+        url, "SELECT id, state, attempt, max_attempts, errors, completed_at FROM koban_jobs"
+    )
     out = []
-    for job_id, state, attempt, max_attempts, errors in rows:
+    for job_id, state, attempt, max_attempts, errors, completed_at in rows:
         if isinstance(errors, str):  # SQLite keeps JSON as text
             errors = json.loads(errors)
-        out.append(JobRow(job_id, state, attempt, max_attempts, list(errors or [])))
+        if isinstance(completed_at, str):
+            completed_at = datetime.fromisoformat(completed_at)
+        done = int(completed_at.timestamp() * 1e9) if completed_at is not None else None
+        out.append(JobRow(job_id, state, attempt, max_attempts, list(errors or []), done))
     return out
 
 
@@ -63,8 +73,13 @@ def check(
     exits: Mapping[int, Exit],
     *,
     expected_jobs: int,
+    isolated: Collection[int] = (),
 ) -> list[str]:
-    """Every violated invariant, described so that the failing job and process can be found."""
+    """Every violated invariant, described so that the failing job and process can be found.
+
+    `isolated` are processes that were cut off from the database while alive: their rescued
+    attempts kept running beside the attempts that replaced them, which at-least-once allows.
+    """
     problems: list[str] = []
     by_id = {j.id: j for j in jobs}
     if len(jobs) != expected_jobs:
@@ -105,7 +120,10 @@ def check(
                 problems.append(f"job {job_id} attempt {attempt} finished in {f.pid} unstarted")
 
     problems += _check_outcomes(jobs, starts, finishes, exits)
-    problems += _check_overlap(starts, finishes, exits)
+    rescued = {
+        (job.id, e.get("attempt")) for job in jobs for e in job.errors if e.get("type") == RESCUED
+    }
+    problems += _check_overlap(starts, finishes, exits, rescued, isolated)
     return problems
 
 
@@ -115,41 +133,47 @@ def _check_outcomes(
     finishes: Mapping[tuple[int, int], list[Event]],
     exits: Mapping[int, Exit],
 ) -> list[str]:
-    """Each finish the node lived to record is in the table; none completes a job twice."""
+    """Every attempt that ran to its end was either recorded or rescued, never both.
+
+    The outcome of an attempt is applied only while the job is still executing that attempt,
+    and a rescue only while the node is gone, so exactly one of them wins: a node killed before
+    recording (or cut off from the database for longer than the rescue window) has its attempt
+    rescued, and its late outcome must then be ignored. Completing a job twice would need both.
+    """
     problems: list[str] = []
     by_id = {j.id: j for j in jobs}
-
-    def survived(pid: int) -> bool:
-        # A node killed with SIGKILL may lose outcomes it had not recorded yet: that attempt
-        # runs again (at-least-once). Any other node must have recorded every outcome.
-        end = exits.get(pid)
-        return end is None or not end.killed
 
     for (job_id, attempt), fs in finishes.items():
         job = by_id.get(job_id)
         if job is None:
             continue
+        entries = [e for e in job.errors if e.get("attempt") == attempt]
+        rescued = any(e.get("type") == RESCUED for e in entries)
+        failures = [e for e in entries if e.get("type") != RESCUED]
         for f in fs:
             if f.outcome == "ok":
-                completed_here = job.state == "completed" and job.attempt == attempt
-                if not completed_here and survived(f.pid):
-                    problems.append(
-                        f"job {job_id} attempt {attempt} succeeded in live or cleanly stopped "
-                        f"process {f.pid}, but the table says {job.state} at attempt "
-                        f"{job.attempt}: an outcome was lost or the job completed twice"
-                    )
-            elif f.outcome == "fail" and survived(f.pid):
-                recorded = [e for e in job.errors if e.get("attempt") == attempt]
-                if not recorded:
-                    problems.append(
-                        f"job {job_id} attempt {attempt} failed in process {f.pid} and its error "
-                        "is not recorded"
-                    )
-                elif not any(f"attempt {attempt}" in str(e.get("message")) for e in recorded):
+                recorded = job.state == "completed" and job.attempt == attempt
+            else:
+                recorded = bool(failures)
+                if failures and not any(
+                    f"attempt {attempt}" in str(e["message"]) for e in failures
+                ):
                     problems.append(
                         f"job {job_id} attempt {attempt}: the recorded error is not this "
-                        f"attempt's: {recorded}"
+                        f"attempt's: {failures}"
                     )
+            if recorded and rescued:
+                problems.append(
+                    f"job {job_id} attempt {attempt} ({f.outcome} in process {f.pid}) was both "
+                    "rescued and recorded: the node recorded a result for a job it no longer "
+                    "owned"
+                )
+            elif not recorded and not rescued:
+                problems.append(
+                    f"job {job_id} attempt {attempt} ended {f.outcome} in process {f.pid}, but "
+                    f"the table neither records that nor a rescue ({job.state} at attempt "
+                    f"{job.attempt}): an outcome was lost"
+                )
 
     for job in jobs:
         if job.state == "completed":
@@ -159,13 +183,34 @@ def _check_outcomes(
                     f"job {job.id} is completed at attempt {job.attempt}, but no process ran "
                     "that attempt to a successful end"
                 )
+            elif job.completed_at_ns is not None and job.completed_at_ns < ok[0].wall_ns:
+                # The outcome is recorded after the code returns: a completion stamped earlier
+                # was recorded by someone else (a stale node's late result).
+                problems.append(
+                    f"job {job.id} was completed {(ok[0].wall_ns - job.completed_at_ns) / 1e6:.1f}"
+                    f" ms before attempt {job.attempt} succeeded: someone else's result"
+                )
         for error in job.errors:
             missing = {"attempt", "at", "type", "message"} - set(error)
             if missing:
                 problems.append(f"job {job.id} has an error entry without {sorted(missing)}")
+        # Every attempt that did not end the job well left a record: its error, or the rescue
+        # of a node that died running it.
+        unsuccessful = range(1, job.attempt + (0 if job.state == "completed" else 1))
+        recorded = {e.get("attempt") for e in job.errors}
+        silent = [a for a in unsuccessful if a not in recorded]
+        if silent:
+            problems.append(
+                f"job {job.id} ({job.state} at attempt {job.attempt}) has no error or rescue "
+                f"recorded for attempt(s) {silent}"
+            )
     # An attempt that started on a node that then stopped cleanly must have finished there:
-    # jobs are far shorter than the grace period.
+    # jobs are far shorter than the grace period. (A rescued attempt is stopped by its node
+    # once it sees the rescue, which is not a loss.)
+    rescued = {(j.id, e.get("attempt")) for j in jobs for e in j.errors if e.get("type") == RESCUED}
     for (job_id, attempt), ss in starts.items():
+        if (job_id, attempt) in rescued:
+            continue
         for s in ss:
             end = exits.get(s.pid)
             if end is not None and end.sent == signal.SIGTERM and end.returncode == 0:
@@ -182,12 +227,17 @@ def _check_overlap(
     starts: Mapping[tuple[int, int], list[Event]],
     finishes: Mapping[tuple[int, int], list[Event]],
     exits: Mapping[int, Exit],
+    rescued: Collection[tuple[int, Any]],
+    isolated: Collection[int],
 ) -> list[str]:
-    """No two attempts of one job ran at once while both their processes were alive."""
+    """No two attempts of one job ran at once while both their processes were alive (unless
+    the first was rescued from a process cut off from the database)."""
     problems: list[str] = []
     spans: dict[int, list[tuple[int, int, int, int]]] = defaultdict(list)
     for (job_id, attempt), ss in starts.items():
         for s in ss:
+            if s.pid in isolated and (job_id, attempt) in rescued:
+                continue
             done = [f.at_ns for f in finishes.get((job_id, attempt), []) if f.pid == s.pid]
             end = exits.get(s.pid)
             until = min(done) if done else (end.at_ns if end else 2**63)
@@ -218,5 +268,11 @@ def summarise(jobs: Sequence[JobRow], events: Sequence[Event], exits: Mapping[in
     reruns = sum(1 for e in events if e.kind == "S") - len(jobs)
     return (
         f"{len(jobs)} jobs {dict(states)}; {sum(1 for e in events if e.kind == 'S')} attempts "
-        f"({reruns} beyond one per job); {kills} SIGKILLs, {terms} SIGTERMs"
+        f"({reruns} beyond one per job); {rescues(jobs)} rescued; "
+        f"{kills} SIGKILLs, {terms} SIGTERMs"
     )
+
+
+def rescues(jobs: Sequence[JobRow]) -> int:
+    """Attempts the lifeline took back from a dead node."""
+    return sum(1 for job in jobs for e in job.errors if e.get("type") == RESCUED)

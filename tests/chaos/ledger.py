@@ -3,11 +3,13 @@
 Each node process appends to its own file, one line per event, with O_APPEND so that a line is
 one write() that the kernel keeps even if the process is SIGKILLed right after:
 
-    S <job id> <attempt> <pid> <node> <monotonic ns>          an attempt started
-    F <job id> <attempt> <pid> <node> <monotonic ns> ok|fail  an attempt's code ran to its end
+    S <job id> <attempt> <pid> <node> <monotonic ns> <wall ns>          an attempt started
+    F <job id> <attempt> <pid> <node> <monotonic ns> <wall ns> ok|fail  its code ran to the end
 
 The ledger never goes through koban or its database connection, so it can contradict them.
-CLOCK_MONOTONIC is one clock for every process on the machine, so times compare across files.
+CLOCK_MONOTONIC is one clock for every process on the machine, so times compare across files;
+the wall clock is the one PostgreSQL's now() reads on this machine, so it compares with the
+times the database stores.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ class Event:
     pid: int
     node: str
     at_ns: int
+    wall_ns: int = 0
     outcome: str = ""  # "ok" or "fail" for finishes
 
 
@@ -37,7 +40,10 @@ class LedgerWriter:
         self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
 
     def write(self, kind: str, job_id: int, attempt: int, node: str, outcome: str = "") -> None:
-        line = f"{kind} {job_id} {attempt} {os.getpid()} {node} {time.monotonic_ns()} {outcome}"
+        line = (
+            f"{kind} {job_id} {attempt} {os.getpid()} {node} {time.monotonic_ns()} "
+            f"{time.time_ns()} {outcome}"
+        )
         os.write(self._fd, (line.rstrip() + "\n").encode())
 
 
@@ -47,7 +53,7 @@ def read_ledger(directory: str | os.PathLike[str]) -> list[Event]:
     for path in sorted(Path(directory).glob("*.log")):
         for number, line in enumerate(path.read_text().splitlines(), 1):
             parts = line.split()
-            if len(parts) not in (6, 7) or parts[0] not in ("S", "F"):
+            if len(parts) not in (7, 8) or parts[0] not in ("S", "F"):
                 raise AssertionError(f"{path.name}:{number}: malformed ledger line {line!r}")
             events.append(
                 Event(
@@ -57,7 +63,8 @@ def read_ledger(directory: str | os.PathLike[str]) -> list[Event]:
                     pid=int(parts[3]),
                     node=parts[4],
                     at_ns=int(parts[5]),
-                    outcome=parts[6] if len(parts) == 7 else "",
+                    wall_ns=int(parts[6]),
+                    outcome=parts[7] if len(parts) == 8 else "",
                 )
             )
     events.sort(key=lambda e: e.at_ns)

@@ -9,6 +9,7 @@ cluster found under /etc/postgresql with pg_ctlcluster, or runs KOBAN_CHAOS_PG_R
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import time
@@ -20,6 +21,7 @@ import pytest
 
 import koban
 from helpers import sql_rows, wait_until
+from koban.engines.postgres.engine import PostgresEngine
 
 from .driver import ChaosCluster
 from .invariants import check, read_jobs, summarise
@@ -100,6 +102,30 @@ def assert_clean_run(cluster: ChaosCluster, url: str, count: int, incidents: int
         assert total <= WARNINGS_PER_INCIDENT * incidents, (
             f"node {name} wrote {total} warnings for {incidents} incident(s): {kinds(text)}"
         )
+
+
+async def test_one_failed_statement_clears_every_dead_pooled_connection(pg_url: str) -> None:
+    """After the server kills a node's sessions, the first failing statement must rid the pool
+    of every dead connection. Otherwise each later statement draws another dead one, and every
+    part of the node fails, recovers and warns again, once per pooled connection."""
+    engine = PostgresEngine(pg_url)
+    await engine.open()
+    try:
+        pool = engine._async_pool()
+        while (
+            pool.get_stats().get("pool_available", 0) < 4
+        ):  # grow the pool: overlapping statements
+            await asyncio.gather(*(engine.count_by_queue_and_state() for _ in range(8)))
+        assert terminate(pg_url) >= 3
+        failures = 0
+        for _ in range(8):
+            try:
+                await engine.fetch("chaos", 1, "node", "producer")
+            except psycopg.OperationalError:
+                failures += 1
+        assert failures == 1
+    finally:
+        await engine.close()
 
 
 def test_nodes_survive_their_connections_being_terminated(

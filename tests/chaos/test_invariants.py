@@ -11,11 +11,11 @@ MS = 1_000_000
 
 
 def s(job: int, attempt: int, pid: int, at: int) -> Event:
-    return Event("S", job, attempt, pid, f"n{pid}", at * MS)
+    return Event("S", job, attempt, pid, f"n{pid}", at * MS, at * MS)
 
 
 def f(job: int, attempt: int, pid: int, at: int, outcome: str = "ok") -> Event:
-    return Event("F", job, attempt, pid, f"n{pid}", at * MS, outcome)
+    return Event("F", job, attempt, pid, f"n{pid}", at * MS, at * MS, outcome)
 
 
 def error(attempt: int) -> dict[str, object]:
@@ -41,11 +41,21 @@ def test_a_clean_history_passes() -> None:
     assert check(jobs, events, CLEAN, expected_jobs=1) == []
 
 
+def rescued(attempt: int) -> dict[str, object]:
+    return {**error(attempt), "type": "koban.Rescued", "message": "node n1 stopped; rescued"}
+
+
 def test_a_rerun_after_sigkill_passes() -> None:
     """Killed after running to the end but before recording it: at-least-once, not a fault."""
-    jobs = [JobRow(1, "completed", 2, 5)]
+    jobs = [JobRow(1, "completed", 2, 5, [rescued(1)])]
     events = [s(1, 1, 1, 0), f(1, 1, 1, 10), s(1, 2, 2, 100), f(1, 2, 2, 110)]
     assert check(jobs, events, KILLED_1, expected_jobs=1) == []
+
+
+def test_an_attempt_without_error_or_rescue_is_reported() -> None:
+    jobs = [JobRow(1, "discarded", 2, 2, [rescued(1)])]
+    problems = check(jobs, [s(1, 1, 1, 0)], KILLED_1, expected_jobs=1)
+    assert any("no error or rescue recorded for attempt(s) [2]" in p for p in problems)
 
 
 def test_unfinished_and_missing_jobs_are_reported() -> None:
@@ -70,14 +80,38 @@ def test_completing_twice_on_live_nodes_is_reported() -> None:
     jobs = [JobRow(1, "completed", 2, 5)]
     events = [s(1, 1, 1, 0), f(1, 1, 1, 10), s(1, 2, 2, 20), f(1, 2, 2, 30)]
     problems = check(jobs, events, CLEAN, expected_jobs=1)
-    assert any("completed twice" in p for p in problems)
+    assert any("attempt 1 ended ok" in p and "outcome was lost" in p for p in problems)
+
+
+def test_a_result_recorded_for_a_rescued_attempt_is_reported() -> None:
+    """A node cut off, rescued, then back: its late result for attempt 1 must be ignored."""
+    jobs = [JobRow(1, "completed", 1, 5, [rescued(1)])]
+    events = [s(1, 1, 1, 0), f(1, 1, 1, 10)]
+    problems = check(jobs, events, CLEAN, expected_jobs=1, isolated={1})
+    assert any("both rescued and recorded" in p for p in problems)
+
+
+def test_a_completion_stamped_before_the_attempt_succeeded_is_reported() -> None:
+    """Attempt 2's success was recorded at 35 ms, but its code only returned at 60 ms."""
+    jobs = [JobRow(1, "completed", 2, 5, [rescued(1)], completed_at_ns=35 * MS)]
+    events = [s(1, 1, 1, 0), s(1, 2, 2, 20), f(1, 1, 1, 30), f(1, 2, 2, 60)]
+    problems = check(jobs, events, CLEAN, expected_jobs=1, isolated={1})
+    assert any("25.0 ms before attempt 2 succeeded" in p for p in problems)
+
+
+def test_a_cut_off_node_may_overlap_only_with_rescued_attempts() -> None:
+    jobs = [JobRow(1, "completed", 2, 5, [rescued(1)])]
+    events = [s(1, 1, 1, 0), s(1, 2, 2, 40), f(1, 2, 2, 60), f(1, 1, 1, 100)]
+    assert check(jobs, events, CLEAN, expected_jobs=1, isolated={1}) == []
+    problems = check(jobs, events, CLEAN, expected_jobs=1)
+    assert any("before attempt 1 (process 1) ended" in p for p in problems)
 
 
 def test_a_failure_without_its_error_is_reported() -> None:
     jobs = [JobRow(1, "completed", 2, 5)]
     events = [s(1, 1, 1, 0), f(1, 1, 1, 10, "fail"), s(1, 2, 2, 20), f(1, 2, 2, 30)]
     problems = check(jobs, events, CLEAN, expected_jobs=1)
-    assert any("error is not recorded" in p for p in problems)
+    assert any("attempt 1 ended fail" in p and "outcome was lost" in p for p in problems)
 
 
 def test_another_attempts_error_is_reported() -> None:

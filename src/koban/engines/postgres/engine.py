@@ -6,10 +6,11 @@ connection (client calls from sync code) or an async one (nodes and async client
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
-from collections.abc import Awaitable, Callable, Generator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -536,16 +537,34 @@ class PostgresEngine(Engine):
         return [Throughput(r["minute"], int(r["completed"]), int(r["failed"])) for r in rows]
 
     # ----- runtime --------------------------------------------------------------------------
+    @contextlib.asynccontextmanager
+    async def _node_connection(self) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+        """A pooled connection for the node's own statements.
+
+        When one fails with a connection error, the rest of the pool most likely died with it
+        (a restart, a failover, pg_terminate_backend): check them all at once. Otherwise every
+        later statement would draw another dead connection, and each part of the node would
+        fail, recover and warn again, once per pooled connection rather than once per incident.
+        """
+        pool = self._async_pool()
+        try:
+            async with pool.connection() as conn:
+                yield conn
+        except psycopg.OperationalError:
+            with contextlib.suppress(Exception):
+                await pool.check()
+            raise
+
     async def _rows(self, query: str, params: dict[str, Any]) -> list[dict[str, Any]]:
         async with (
-            self._async_pool().connection() as conn,
+            self._node_connection() as conn,
             conn.cursor(row_factory=dict_row) as cur,
         ):
             await cur.execute(query, params)
             return await cur.fetchall() if cur.description else []
 
     async def _execute(self, query: str, params: dict[str, Any]) -> int:
-        async with self._async_pool().connection() as conn, conn.cursor() as cur:
+        async with self._node_connection() as conn, conn.cursor() as cur:
             await cur.execute(query, params)
             return cur.rowcount
 
@@ -623,7 +642,7 @@ class PostgresEngine(Engine):
     # ----- cluster --------------------------------------------------------------------------
     async def _atx(self, op: Op) -> Any:
         """Run `op` in one transaction on a pooled connection."""
-        async with self._async_pool().connection() as conn, conn.transaction():
+        async with self._node_connection() as conn, conn.transaction():
             return await _run_async(op, conn)
 
     def _tx(self, op: Op) -> Any:
