@@ -80,27 +80,27 @@ async def test_strava_down_for_good_is_discarded_after_three_attempts(
 
 
 async def test_every_node_down_at_midnight_the_missed_sync_runs_when_a_node_starts(
-    pg_url: str, strava: StravaStandIn
+    db_url: str, strava: StravaStandIn
 ) -> None:
     """Scenario 1: the node runs until 23:58 Warsaw time, every node is down over midnight,
     and the first node to start at 06:00 inserts the missed nightly sync, which syncs everyone.
     """
     warsaw = ZoneInfo("Europe/Warsaw")
     clock = koban.FrozenClock(datetime(2026, 7, 1, 23, 58, tzinfo=warsaw))
-    evening = create_app(summer_settings(pg_url, strava), clock=clock)
+    evening = create_app(summer_settings(db_url, strava), clock=clock)
     store = setup(evening)
     seed(store, strava)
 
     async with evening:  # the scheduler registers the entry: from now on its ticks count
         await await_until(
-            lambda: sql_rows(pg_url, "SELECT count(*) FROM koban_cron")[0][0] == 1,
+            lambda: sql_rows(db_url, "SELECT count(*) FROM koban_cron")[0][0] == 1,
             what="the nightly cron entry to be registered",
         )
     evening.engine.close_sync()
     assert await evening.alist_jobs(workers=[SyncAllWorker.name]) == []
 
     clock.set(datetime(2026, 7, 2, 6, 0, tzinfo=warsaw))  # midnight passed with no node up
-    morning = create_app(summer_settings(pg_url, strava), clock=clock)
+    morning = create_app(summer_settings(db_url, strava), clock=clock)
     async with morning:
         nightly = (
             await await_until(
@@ -126,26 +126,26 @@ async def _all_synced(app: koban.Koban, athletes: int) -> bool:
 
 
 def test_node_killed_mid_sync_is_rescued_after_restart_and_nothing_is_lost_or_doubled(
-    pg_url: str, strava: StravaStandIn, tmp_path: Path
+    db_url: str, strava: StravaStandIn, tmp_path: Path
 ) -> None:
     """Scenario 3: a node is SIGKILLed in the middle of the nightly sync. Restarted under its
     configured name, it rescues the syncs it was running (its jobs predate its restart) and
     finishes them; each athlete's cursor and the upserts leave every activity stored once.
     """
-    settings = summer_settings(pg_url, strava, per_page=5)
+    settings = summer_settings(db_url, strava, per_page=5)
     app = create_app(settings)
     store = setup(app)
     seed(store, strava)
     strava.fail("slow", delay=0.3)  # every Strava call takes 0.3 s: the sync takes seconds
     env = {
-        "SUMMER_CHALLENGE_DATABASE_URL": pg_url,
+        "SUMMER_CHALLENGE_DATABASE_URL": db_url,
         "STRAVA_BASE_URL": strava.url,
         "STRAVA_CLIENT_ID": settings.client_id,
         "STRAVA_CLIENT_SECRET": settings.client_secret,
         "SUMMER_CHALLENGE_PER_PAGE": "5",
     }
 
-    with node_process(NODE_APP, pg_url, tmp_path / "first.log", node="summer-1", env=env) as first:
+    with node_process(NODE_APP, db_url, tmp_path / "first.log", node="summer-1", env=env) as first:
         first.wait_started()
         SyncAllWorker.enqueue({})
         wait_until(
@@ -161,7 +161,7 @@ def test_node_killed_mid_sync_is_rescued_after_restart_and_nothing_is_lost_or_do
 
     strava.heal()
     with node_process(
-        NODE_APP, pg_url, tmp_path / "second.log", node="summer-1", env=env
+        NODE_APP, db_url, tmp_path / "second.log", node="summer-1", env=env
     ) as second:
         second.wait_started()
         wait_until(

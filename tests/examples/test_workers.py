@@ -11,6 +11,7 @@ from koban.examples.summer_challenge.jobs import SyncAllWorker, SyncAthleteWorke
 from koban.examples.summer_challenge.standin import StravaStandIn
 from koban.examples.summer_challenge.store import Store
 from koban.job import JobState
+from koban.runtime.node import Node
 from koban.testing import KobanTesting
 
 
@@ -200,3 +201,29 @@ def test_inline_mode_runs_the_whole_fan_out_at_enqueue(
     assert job.state == JobState.COMPLETED
     assert store.activity_ids() == sorted(strava.activity_ids())
     koban_testing.refute_enqueued(SyncAthleteWorker)
+
+
+async def test_completed_syncs_are_pruned_after_sixty_days(
+    koban_testing: KobanTesting, strava: StravaStandIn, frozen_clock: koban.FrozenClock
+) -> None:
+    app = koban_testing.app
+    job = await SyncAthleteWorker.aenqueue({"athlete_id": strava.athletes[1].id})
+    assert (await koban_testing.adrain_queue("default"))["completed"] == 1
+    pruner = next(p for p in app.plugins() if isinstance(p, koban.Pruner))
+    node = Node(
+        engine=app.engine,
+        workers=app.workers,
+        queues=app.queues,
+        telemetry=app.telemetry,
+        clock=app.clock,
+        name="pruning-test",
+    )
+
+    frozen_clock.advance(days=59)
+    assert await pruner.tick(node) == 0
+    assert await app.aget_job(job.id) is not None
+
+    frozen_clock.advance(days=1, seconds=1)
+    assert await pruner.tick(node) == 1
+    assert await app.aget_job(job.id) is None
+    await app.close()
