@@ -39,6 +39,7 @@ from koban.worker import worker_name
 #: The demo gives up after this many seconds (it normally needs well under ten).
 DEADLINE = 50.0
 WORKERS = [worker_name(SyncAllWorker), worker_name(SyncAthleteWorker)]
+APP_PATH = "koban.examples.summer_challenge.jobs:app"
 
 
 @dataclass
@@ -242,14 +243,10 @@ def _summary(
             f"koban dashboard --database {db}"
             + (f"    (then open {dashboard_url})" if dashboard_url else "")
         )
+    app_env = f"SUMMER_CHALLENGE_DATABASE_URL={db}"
     if "cron" in commands:
-        lines.append("koban cron list --app koban.examples.summer_challenge.jobs:app")
-    lines.append(
-        f"SUMMER_CHALLENGE_DATABASE_URL={db} "
-        "koban start --app koban.examples.summer_challenge.jobs:app"
-    )
+        lines.append(f"{app_env} koban cron list --app {APP_PATH}")
+    lines.append(f"{app_env} koban start --app {APP_PATH}")
     for line in lines:
         console.print(f"  {line}", soft_wrap=True, highlight=False, markup=False)
-    console.print(
-        "  The example's code and README: koban/examples/summer_challenge/ in the package"
-    )
+    console.print(f"  The example's code and README: {Path(__file__).parent}", soft_wrap=True)
