@@ -353,7 +353,7 @@ class StravaStandIn:
         else:
             params.update(dict(await request.form()))
         if params.get("client_id") != CLIENT_ID or params.get("client_secret") != CLIENT_SECRET:
-            return _error(401, "Bad Request", "Application", "client_id", "invalid")
+            return _error(401, "Authorization Error", "Application", "client_secret", "invalid")
         if params.get("grant_type") != "refresh_token":
             return _error(400, "Bad Request", "RefreshToken", "grant_type", "invalid")
         with self._lock:

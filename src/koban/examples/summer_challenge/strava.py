@@ -71,11 +71,18 @@ class RateLimit:
 
 
 class StravaError(Exception):
-    """Strava answered with an error (or could not be reached)."""
+    """Strava answered with an error (or could not be reached).
 
-    def __init__(self, message: str, status: int | None = None) -> None:
+    `resources` names what Strava's error body blames ("Athlete", "Application",
+    "RefreshToken"...).
+    """
+
+    def __init__(
+        self, message: str, status: int | None = None, resources: frozenset[str] = frozenset()
+    ) -> None:
         super().__init__(message)
         self.status = status
+        self.resources = resources
 
 
 class StravaUnavailable(StravaError):
@@ -170,6 +177,13 @@ class StravaClient:
                 },
             )
         except Unauthorized as exc:
+            if "Application" in exc.resources:
+                # The app's own credentials, not the athlete's: an operator must fix them.
+                raise StravaError(
+                    f"Strava refused the app's client credentials ({exc}); check "
+                    "STRAVA_CLIENT_ID and STRAVA_CLIENT_SECRET",
+                    exc.status,
+                ) from None
             raise RefreshRejected(str(exc), exc.status) from None
         try:
             return Tokens(body["access_token"], body["refresh_token"], int(body["expires_at"]))
@@ -207,7 +221,9 @@ class StravaClient:
                 resets_at,
             )
         if status == 401 or (status == 400 and path == "/oauth/token"):
-            raise Unauthorized(f"{method} {path}: {status} {_message(response)}", status)
+            raise Unauthorized(
+                f"{method} {path}: {status} {_message(response)}", status, _resources(response)
+            )
         if status >= 500:
             raise StravaUnavailable(
                 f"{method} {path}: Strava answered {status} {_message(response)}", status
@@ -235,6 +251,17 @@ def _message(response: httpx.Response) -> str:
         )
         return f"{body.get('message', '')}" + (f" ({detail})" if detail else "")
     return str(body)[:200]
+
+
+def _resources(response: httpx.Response) -> frozenset[str]:
+    try:
+        body = response.json()
+    except ValueError:
+        return frozenset()
+    errors = body.get("errors") if isinstance(body, dict) else None
+    return frozenset(
+        str(e["resource"]) for e in errors or [] if isinstance(e, dict) and e.get("resource")
+    )
 
 
 def _usage(rate_limit: RateLimit | None) -> str:
