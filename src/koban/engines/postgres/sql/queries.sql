@@ -62,10 +62,13 @@ RETURNING j.*;
 
 -- name: complete_jobs
 -- Mark jobs completed, only where they are still executing the attempt that finished.
+-- `state || ''` keeps the planner off the partial indexes on state: until vacuum runs, they
+-- hold an entry for every row that has left `executing`, and a bitmap scan revisits them all
+-- on every ack (quadratic over a burst). The primary key finds each row directly.
 UPDATE koban_jobs AS j
 SET state = 'completed', completed_at = coalesce(%(now)s::timestamptz, now())
 FROM unnest(%(ids)s::bigint[], %(attempts)s::integer[]) AS x(id, attempt)
-WHERE j.id = x.id AND j.state = 'executing' AND j.attempt = x.attempt;
+WHERE j.id = x.id AND j.state || '' = 'executing' AND j.attempt = x.attempt;
 
 -- name: ack_jobs
 -- Record any outcome given as a JSON array of acks (see koban.engines.base.Ack).
@@ -91,7 +94,8 @@ SET state = x.state,
                 WHEN x.meta IS NOT NULL THEN j.meta || x.meta
                 ELSE j.meta END
 FROM input AS x
-WHERE j.id = x.id AND j.state = 'executing' AND j.attempt = x.attempt;
+-- `state || ''`: by primary key, as in complete_jobs.
+WHERE j.id = x.id AND j.state || '' = 'executing' AND j.attempt = x.attempt;
 
 -- name: stage_jobs
 -- Make due scheduled and retryable jobs available; return the queues that gained jobs.
