@@ -86,11 +86,23 @@ def markdown(results: dict[str, Any]) -> str:
                 "| system | jobs/s | seconds | koban's ratio |",
                 "|---|---:|---:|---:|",
             ]
+            capped = []
             for system, row in w["systems"].items():
+                mark = ""
+                if row.get("timed_out_rounds"):
+                    mark = " *"
+                    capped.append(
+                        f"\\* {system} did not finish within the cap in {row['timed_out_rounds']} of "
+                        f"{row['rounds']} round(s) (median {_fmt(row.get('started'))} jobs started in "
+                        f"{_fmt(row.get('seconds'))} s): its figure is the rate reached before the cap, "
+                        "an upper bound on its burn-down rate."
+                    )
                 lines.append(
-                    f"| {system} | {_fmt(row.get('jobs_per_s'))} | {_fmt(row.get('seconds'), 2)} | "
+                    f"| {system}{mark} | {_fmt(row.get('jobs_per_s'))} | {_fmt(row.get('seconds'), 2)} | "
                     f"{_ratio(w['koban_ratio'].get(system)) if system != 'koban' else ''} |"
                 )
+            if capped:
+                lines += ["", *capped]
         errors = [(name, row["errors"]) for name, row in w["systems"].items() if row.get("errors")]
         for name, errs in errors:
             lines.append(f"\n{name}: {len(errs)} failed run(s): {errs[0]}")

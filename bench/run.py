@@ -292,6 +292,12 @@ def main(argv: list[str] | None = None) -> int:
         "--workloads", default="burndown,latency,enqueue", help="burndown,latency,enqueue"
     )
     p.add_argument(
+        "--burndown-cap",
+        type=float,
+        default=120.0,
+        help="seconds a burn-down may take; a slower system is reported with the rate it reached",
+    )
+    p.add_argument(
         "--slots", type=int, default=100, help="koban's queue slots (= the ceiling's batch)"
     )
     p.add_argument("--rate", type=float, default=100.0, help="steady-state inserts per second")
@@ -439,7 +445,8 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 target = targets[system]
                 if workload == "burndown":
-                    r = target.run("burndown", "--jobs", str(jobs))
+                    cap = str(ns.burndown_cap)
+                    r = target.run("burndown", "--jobs", str(jobs), "--timeout", cap)
                 elif workload == "latency":
                     r = target.run(
                         "latency", "--rate", str(ns.rate), "--seconds", str(latency_seconds)
@@ -610,9 +617,17 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
         for system in systems:
             runs = [r[workload][system] for r in rounds if system in r.get(workload, {})]
             good = [x for x in runs if "error" not in x]
-            keys = sorted({k for x in good for k, v in x.items() if isinstance(v, int | float)})
+            keys = sorted(
+                {
+                    k
+                    for x in good
+                    for k, v in x.items()
+                    if isinstance(v, int | float) and not isinstance(v, bool)
+                }
+            )
             row: dict[str, Any] = {k: median([x[k] for x in good if k in x]) for k in keys}
             row["rounds"] = len(good)
+            row["timed_out_rounds"] = sum(1 for x in good if x.get("timed_out"))
             if len(good) < len(runs):
                 row["errors"] = [x["error"].splitlines()[0] for x in runs if "error" in x]
             table[system] = row

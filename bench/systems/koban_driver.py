@@ -79,6 +79,12 @@ class KobanSystem:
             jobs = [self.worker.new({"i": i}) for i in range(start, min(count, start + batch))]
             await self.app.aenqueue_many(jobs)
 
+    async def analyze(self) -> None:
+        if self.dsn.startswith("sqlite"):
+            return
+        async with await psycopg.AsyncConnection.connect(self.dsn, autocommit=True) as conn:
+            await conn.execute("ANALYZE koban_jobs")
+
     async def insert_one(self, args: dict[str, Any]) -> None:
         await self.worker.aenqueue(args)
 

@@ -62,6 +62,10 @@ class ObanSystem:
             async with self._pool.connection() as conn, conn.transaction():
                 await oban.enqueue_many(jobs, conn=conn)
 
+    async def analyze(self) -> None:
+        async with await psycopg.AsyncConnection.connect(self.dsn, autocommit=True) as conn:
+            await conn.execute("ANALYZE oban_jobs")
+
     async def insert_one(self, args: dict[str, Any]) -> None:
         oban = await self._oban_client()
         await oban.enqueue(Noop.new(args))

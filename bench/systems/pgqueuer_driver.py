@@ -55,6 +55,10 @@ class PgqueuerSystem:
                 [0] * n,
             )
 
+    async def analyze(self) -> None:
+        assert self._client is not None
+        await self._client.execute("ANALYZE pgqueuer")
+
     async def insert_one(self, args: dict[str, Any]) -> None:
         queries = await self._q()
         await queries.enqueue("noop", json.dumps(args).encode())

@@ -67,6 +67,10 @@ class ProcrastinateSystem:
                 *({"i": i} for i in range(start, min(count, start + batch)))
             )
 
+    async def analyze(self) -> None:
+        async with await psycopg.AsyncConnection.connect(self.dsn, autocommit=True) as conn:
+            await conn.execute("ANALYZE procrastinate_jobs")
+
     async def insert_one(self, args: dict[str, Any]) -> None:
         await self._open()
         await self.noop.defer_async(**args)
