@@ -90,6 +90,7 @@ def log_time(text: str, pattern: str) -> float:
     raise AssertionError(f"no log line matches {pattern!r}")
 
 
+@pytest.mark.timeout(PARTITION_SECONDS + 240)
 def test_a_cut_off_leader_yields_and_its_jobs_are_rescued_not_doubled(
     net: Partition, cluster: ChaosCluster, pg_url: str
 ) -> None:

@@ -61,6 +61,7 @@ def unfinished(url: str) -> int:
     return int(sql_rows(url, query)[0][0])
 
 
+@pytest.mark.timeout(DEADLINE + 120)
 def test_nodes_killed_at_random_lose_and_double_nothing(cluster: ChaosCluster, pg_url: str) -> None:
     rng = random.Random(int(os.environ.get("KOBAN_CHAOS_SEED", str(time.time_ns()))))
     enqueue_batch(pg_url, JOBS)

@@ -34,6 +34,24 @@ _DEFAULT_NAMES: set[str] = set()
 DEFAULT_LIVE_WITHIN = 30.0
 
 
+async def _cancel_all(tasks: list[asyncio.Task[Any]]) -> None:
+    """Cancel `tasks` and wait until every one has ended.
+
+    A task is cancelled again each second until it ends: on Python 3.11, `asyncio.wait_for`
+    (which psycopg_pool uses to wait for a free connection) returns normally instead of raising
+    when its awaitable completes as the cancellation arrives (CPython gh-86296), so a loop can
+    lose one cancellation and carry on; waiting for it once would wait forever.
+    """
+    pending = {task for task in tasks if not task.done()}
+    while pending:
+        for task in pending:
+            task.cancel()
+        _done, pending = await asyncio.wait(pending, timeout=1.0)
+    for task in tasks:
+        if not task.cancelled():
+            task.exception()  # retrieved, so asyncio does not report it as never retrieved
+
+
 def default_node_name() -> str:
     """host.pid: unique for every process on every machine (host.pid.2, ... for further nodes
     in the same process)."""
@@ -274,9 +292,7 @@ class Node:
                 self.name,
                 self.acker.pending,
             )
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await _cancel_all(self._tasks)
         self._tasks.clear()
         self._producer_tasks.clear()
         for plugin in reversed(self.plugins):
