@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import signal
@@ -78,6 +79,17 @@ def parse_queues(spec: str | Mapping[str, int] | None) -> dict[str, int]:
                 f"queue {name!r}: slots must be a whole number of at least 1, got {limit!r}"
             )
     return queues
+
+
+def _is_id(value: object) -> bool:
+    """True if `value` could be a job id: ids are 64-bit, and no job has one beyond that."""
+    return not isinstance(value, int) or -(2**63) <= value <= 2**63 - 1
+
+
+def _bounded(flt: JobFilter) -> JobFilter:
+    """A copy of `flt` without ids no job can have, whatever was set after it was built (so no
+    engine fails on them: PostgreSQL's bigint and SQLite's INTEGER stop at 2**63 - 1)."""
+    return dataclasses.replace(flt)
 
 
 class Koban:
@@ -205,22 +217,22 @@ class Koban:
 
     # ----- queries and control --------------------------------------------------------------
     def get_job(self, job_id: int) -> Job | None:
-        return self.engine.get_job_sync(job_id)
+        return self.engine.get_job_sync(job_id) if _is_id(job_id) else None
 
     async def aget_job(self, job_id: int) -> Job | None:
         await self._ensure_open()
-        return await self.engine.get_job(job_id)
+        return await self.engine.get_job(job_id) if _is_id(job_id) else None
 
     def list_jobs(self, flt: JobFilter | None = None, **filters: Any) -> list[Job]:
-        return self.engine.list_jobs_sync(flt or JobFilter(**filters))
+        return self.engine.list_jobs_sync(_bounded(flt or JobFilter(**filters)))
 
     async def alist_jobs(self, flt: JobFilter | None = None, **filters: Any) -> list[Job]:
         await self._ensure_open()
-        return await self.engine.list_jobs(flt or JobFilter(**filters))
+        return await self.engine.list_jobs(_bounded(flt or JobFilter(**filters)))
 
     def cancel_jobs(self, flt: JobFilter) -> list[Job]:
         """Cancel matching unfinished jobs; running ones are stopped where they run."""
-        jobs = self.engine.cancel_jobs_sync(flt, now=self._now())
+        jobs = self.engine.cancel_jobs_sync(_bounded(flt), now=self._now())
         running = [j.id for j in jobs if j.attempted_by]
         if running:
             self.engine.notify_sync(SIGNAL_CHANNEL, {"action": "cancel", "job_ids": running})
@@ -228,7 +240,7 @@ class Koban:
 
     async def acancel_jobs(self, flt: JobFilter) -> list[Job]:
         await self._ensure_open()
-        jobs = await self.engine.cancel_jobs(flt, now=self._now())
+        jobs = await self.engine.cancel_jobs(_bounded(flt), now=self._now())
         running = [j.id for j in jobs if j.attempted_by]
         if running:
             await self.engine.notify(SIGNAL_CHANNEL, {"action": "cancel", "job_ids": running})
@@ -244,14 +256,14 @@ class Koban:
 
     def retry_jobs(self, flt: JobFilter) -> list[Job]:
         """Run matching finished or waiting jobs again now (one more attempt if exhausted)."""
-        jobs = self.engine.retry_jobs_sync(flt, now=self._now())
+        jobs = self.engine.retry_jobs_sync(_bounded(flt), now=self._now())
         for queue in sorted({j.queue for j in jobs}):
             self.engine.notify_sync(INSERT_CHANNEL, {"queue": queue})
         return jobs
 
     async def aretry_jobs(self, flt: JobFilter) -> list[Job]:
         await self._ensure_open()
-        jobs = await self.engine.retry_jobs(flt, now=self._now())
+        jobs = await self.engine.retry_jobs(_bounded(flt), now=self._now())
         for queue in sorted({j.queue for j in jobs}):
             await self.engine.notify(INSERT_CHANNEL, {"queue": queue})
         return jobs
@@ -266,11 +278,11 @@ class Koban:
 
     def delete_jobs(self, flt: JobFilter) -> list[int]:
         """Delete matching jobs that are not executing; returns their ids."""
-        return self.engine.delete_jobs_sync(flt)
+        return self.engine.delete_jobs_sync(_bounded(flt))
 
     async def adelete_jobs(self, flt: JobFilter) -> list[int]:
         await self._ensure_open()
-        return await self.engine.delete_jobs(flt)
+        return await self.engine.delete_jobs(_bounded(flt))
 
     def delete_job(self, job_id: int) -> bool:
         return bool(self.delete_jobs(JobFilter(ids=[job_id])))
@@ -295,11 +307,11 @@ class Koban:
     @staticmethod
     def _check_limit(queue: str, limit: int | None) -> None:
         if limit is not None and (
-            isinstance(limit, bool) or not isinstance(limit, int) or limit < 0
+            isinstance(limit, bool) or not isinstance(limit, int) or not 0 <= limit <= 2**31 - 1
         ):
             raise ConfigurationError(
-                f"scale_queue({queue!r}): limit must be a whole number of slots (0 or more) or "
-                f"None for each node's configured slots, got {limit!r}"
+                f"scale_queue({queue!r}): limit must be a whole number of slots from 0 to "
+                f"{2**31 - 1} or None for each node's configured slots, got {limit!r}"
             )
 
     def _control(

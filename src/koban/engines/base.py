@@ -59,6 +59,21 @@ class JobFilter:
     before_id: int | None = None
     limit: int | None = None
 
+    def __post_init__(self) -> None:
+        # Job ids are 64-bit: an id beyond that range names no job, so it is left out rather
+        # than sent to a database that fails on it (PostgreSQL: bigint out of range).
+        if self.ids is not None:
+            self.ids = [
+                i for i in self.ids if not (isinstance(i, int) and not _ID_MIN <= i <= _ID_MAX)
+            ]
+        if isinstance(self.before_id, int) and self.before_id > _ID_MAX:
+            self.before_id = None  # every id is below it
+        elif isinstance(self.before_id, int) and self.before_id < _ID_MIN:
+            self.before_id = _ID_MIN  # none is
+
+
+_ID_MIN, _ID_MAX = -(2**63), 2**63 - 1
+
 
 @dataclass(slots=True)
 class QueueState:
