@@ -10,6 +10,10 @@ brings it back and TCP retransmits what was waiting. Everything stays on this ma
 
 PostgreSQL listens on 127.0.0.1 only, so the relay (a small thread in the test process) accepts
 on the veth address and connects to the server's real address.
+
+Where network namespaces are not allowed, `RelayPartition` gives the same interface with the
+node in the root namespace: the relay itself stops moving bytes (its sockets stay open, so
+the node's connections hang as they would behind a dead link).
 """
 
 from __future__ import annotations
@@ -20,7 +24,6 @@ import selectors
 import socket
 import subprocess
 import threading
-from collections.abc import Iterator
 
 
 def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -51,11 +54,28 @@ class TcpRelay:
         self._selector = selectors.DefaultSelector()
         self._selector.register(self._listener, selectors.EVENT_READ, None)
         self._stop = threading.Event()
+        self._frozen = threading.Event()
+        self._paused = threading.Event()
         self._thread = threading.Thread(target=self._run, name="tcp-relay", daemon=True)
         self._thread.start()
 
+    def freeze(self) -> None:
+        """Stop moving bytes and accepting connections; everything waits, nothing is closed.
+        Returns once the relay thread has stopped moving bytes."""
+        self._paused.clear()
+        self._frozen.set()
+        if not self._paused.wait(5):
+            raise RuntimeError("the relay did not pause")
+
+    def thaw(self) -> None:
+        self._frozen.clear()
+
     def _run(self) -> None:
         while not self._stop.is_set():
+            if self._frozen.is_set():
+                self._paused.set()
+                self._stop.wait(0.05)
+                continue
             for key, _ in self._selector.select(timeout=0.2):
                 if key.data is None:
                     self._accept()
@@ -169,10 +189,25 @@ class Partition:
             self._created = False
 
 
-@contextlib.contextmanager
-def partition(db_host: str, db_port: int) -> Iterator[Partition]:
-    net = Partition(db_host, db_port)
-    try:
-        yield net
-    finally:
-        net.close()
+class RelayPartition:
+    """The same switch without a namespace: the node runs beside the test and reaches the
+    database through a relay on 127.0.0.1, which `cut` freezes."""
+
+    prefix: list[str] = []
+
+    def __init__(self, db_host: str, db_port: int) -> None:
+        self.relay = TcpRelay("127.0.0.1", (db_host, db_port))
+
+    @property
+    def relay_address(self) -> tuple[str, int]:
+        host, port = self.relay.address
+        return str(host), int(port)
+
+    def cut(self) -> None:
+        self.relay.freeze()
+
+    def heal(self) -> None:
+        self.relay.thaw()
+
+    def close(self) -> None:
+        self.relay.close()
