@@ -60,9 +60,13 @@ def read_jobs(url: str) -> list[JobRow]:
     for job_id, state, attempt, max_attempts, errors, completed_at in rows:
         if isinstance(errors, str):  # SQLite keeps JSON as text
             errors = json.loads(errors)
-        if isinstance(completed_at, str):
-            completed_at = datetime.fromisoformat(completed_at)
-        done = int(completed_at.timestamp() * 1e9) if completed_at is not None else None
+        done: int | None = None
+        if isinstance(completed_at, int):  # SQLite: microseconds since the epoch
+            done = completed_at * 1000
+        elif isinstance(completed_at, str):
+            done = int(datetime.fromisoformat(completed_at).timestamp() * 1e9)
+        elif completed_at is not None:
+            done = int(completed_at.timestamp() * 1e9)
         out.append(JobRow(job_id, state, attempt, max_attempts, list(errors or []), done))
     return out
 
