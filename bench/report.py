@@ -193,7 +193,8 @@ def chart(results: dict[str, Any], path: Path) -> None:
             xs = range(len(names))
             ax.bar([x - 0.2 for x in xs], p50, width=0.4, label="p50", color="#3b7dd8")
             ax.bar([x + 0.2 for x in xs], p99, width=0.4, label="p99", color="#a6c4ef")
-            ax.set_ylabel("ms (lower is better)")
+            ax.set_yscale("log")  # SQLite's cross-process polling would flatten the rest
+            ax.set_ylabel("ms, log scale (lower is better)")
             ax.legend()
         else:
             values = [systems[n].get("jobs_per_s") or 0 for n in names]
