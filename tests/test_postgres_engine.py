@@ -163,6 +163,7 @@ def test_one_notification_per_queue_per_insert_statement(pg_url: str) -> None:
             + [Job(worker="w.n", queue="reports", schedule_in=600) for _ in range(10)]
         )
         app.enqueue(Job(worker="w.n"))
+        app.engine.close_sync()  # sends what the throttle still holds
 
     try:
         notes = collect_insert_notifications(pg_url, insert)
@@ -170,9 +171,45 @@ def test_one_notification_per_queue_per_insert_statement(pg_url: str) -> None:
         app.engine.close_sync()
 
     # The batch: one per queue that gained available jobs (none for only-scheduled
-    # "reports"); then one for the single insert.
+    # "reports"); then one for the single insert (sent at once or held and sent once).
     assert sorted(n["queue"] for n in notes[:2]) == ["default", "mailers"]
     assert notes[2:] == [{"queue": "default"}]
+
+
+def test_a_flood_of_single_inserts_sends_one_notification_per_interval(pg_url: str) -> None:
+    app = make_app(pg_url)
+    # A long interval makes the count exact: the first insert wakes the queue, the other 199
+    # are held, and closing sends the single trailing notification.
+    app.engine._throttle.interval = 3600  # type: ignore[attr-defined]
+
+    def insert() -> None:
+        for i in range(200):
+            app.enqueue(Job(worker="w.n", queue="flood", args={"i": i}))
+        app.engine.close_sync()
+
+    try:
+        notes = collect_insert_notifications(pg_url, insert)
+    finally:
+        app.engine.close_sync()
+    assert notes == [{"queue": "flood"}, {"queue": "flood"}]
+
+
+async def test_a_held_notification_still_wakes_an_idle_node(pg_url: str) -> None:
+    app = make_app(pg_url)
+    app.engine._throttle.interval = 0.3  # type: ignore[attr-defined]
+    ran: list[int] = []
+
+    @app.worker
+    async def track(job: Job) -> None:
+        ran.append(job.args["i"])
+
+    async with app:
+        assert app.node is not None
+        await await_until(lambda: app.node is not None and app.node._listening, what="LISTEN")
+        await track.aenqueue({"i": 1})  # wakes the queue at once
+        await track.aenqueue({"i": 2})  # held: woken by the trailing notification
+        # Well before the 10 s safety poll of a node whose notifications work.
+        await await_until(lambda: sorted(ran) == [1, 2], timeout=5, what="both jobs to run")
 
 
 def test_rolled_back_enqueue_sends_no_notification(pg_url: str) -> None:

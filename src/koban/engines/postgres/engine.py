@@ -36,6 +36,7 @@ from koban.engines.base import (
     redact,
 )
 from koban.engines.postgres import pool_logging
+from koban.engines.postgres.notifier import InsertNotifyThrottle
 from koban.errors import (
     ConfigurationError,
     DatabaseUnavailableError,
@@ -119,8 +120,13 @@ def _jobs_json(jobs: Sequence[Job]) -> str:
     )
 
 
-def _op_insert(jobs: Sequence[Job], now: datetime | None) -> Op:
-    rows = yield QUERIES["insert_jobs"], {"jobs": _jobs_json(jobs), "now": now}
+def _op_insert(
+    jobs: Sequence[Job], now: datetime | None, notify: Sequence[str] | None = None
+) -> Op:
+    rows = yield (
+        QUERIES["insert_jobs"],
+        {"jobs": _jobs_json(jobs), "now": now, "notify": None if notify is None else list(notify)},
+    )
     inserted = iter(rows)  # in id order, which is input order
     out: list[Job | None] = []
     seen: set[str] = set()
@@ -332,6 +338,7 @@ class PostgresEngine(Engine):
         self._pool_size = pool_size
         self._pool: AsyncConnectionPool | None = None
         self._sync_pool: ConnectionPool | None = None
+        self._throttle = InsertNotifyThrottle(self._notify_inserts_sync)
 
     def __repr__(self) -> str:
         return f"<PostgresEngine {redact(self.url)}>"
@@ -385,6 +392,7 @@ class PostgresEngine(Engine):
             await pool.close()
 
     def close_sync(self) -> None:
+        self._throttle.close()
         pool, self._sync_pool = self._sync_pool, None
         if pool is not None:
             pool.close()
@@ -512,12 +520,29 @@ class PostgresEngine(Engine):
     def insert_sync(
         self, jobs: Sequence[Job], conn: Any = None, now: datetime | None = None
     ) -> list[Job]:
-        return self._exec(_op_insert(jobs, now), conn) if jobs else []
+        if not jobs:
+            return []
+        if conn is not None:
+            # The caller commits: the notification must ride in its transaction, unthrottled.
+            return self._exec(_op_insert(jobs, now), conn)
+        queues = {job.queue for job in jobs}
+        wake = self._throttle.claim(queues)
+        inserted = self._exec(_op_insert(jobs, now, wake))
+        self._throttle.hold(queues - set(wake))
+        return inserted
 
     async def insert(
         self, jobs: Sequence[Job], conn: Any = None, now: datetime | None = None
     ) -> list[Job]:
-        return await self._aexec(_op_insert(jobs, now), conn) if jobs else []
+        if not jobs:
+            return []
+        if conn is not None:
+            return await self._aexec(_op_insert(jobs, now), conn)
+        queues = {job.queue for job in jobs}
+        wake = self._throttle.claim(queues)
+        inserted = await self._aexec(_op_insert(jobs, now, wake))
+        self._throttle.hold(queues - set(wake))
+        return inserted
 
     def get_job_sync(self, job_id: int) -> Job | None:
         return self._exec(_op_get(job_id))
@@ -650,6 +675,10 @@ class PostgresEngine(Engine):
         await self._execute(
             QUERIES["notify"], {"channel": CHANNEL_PREFIX + channel, "payload": json.dumps(payload)}
         )
+
+    def _notify_inserts_sync(self, queues: list[str]) -> None:
+        with self._sync().connection() as conn:
+            conn.execute(QUERIES["notify_inserts"], {"queues": queues})
 
     def notify_sync(self, channel: str, payload: dict[str, Any]) -> None:
         with self._sync().connection() as conn:

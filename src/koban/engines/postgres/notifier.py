@@ -6,7 +6,9 @@ import asyncio
 import inspect
 import json
 import logging
-from collections.abc import Awaitable, Callable
+import threading
+import time
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 import psycopg
@@ -76,3 +78,69 @@ async def listen(
                     await conn.close()
                 except Exception:
                     pass
+
+
+class InsertNotifyThrottle:
+    """At most one insert notification per queue per `interval` from this process.
+
+    An insert whose queue was notified less than `interval` ago sends none; its queue is *held*
+    and woken by one trailing notification once the interval has passed. The hold starts only
+    after the insert committed, so the trailing notification always follows the commit and the
+    woken producer sees the job: a flood of single inserts costs a few notifications a second
+    per queue instead of one per insert, and no job waits for the poll interval.
+    """
+
+    def __init__(self, send: Callable[[list[str]], None], interval: float = 0.02) -> None:
+        self.interval = interval
+        self._send = send
+        self._last: dict[str, float] = {}
+        self._held: set[str] = set()
+        self._lock = threading.Lock()
+        self._timer: threading.Timer | None = None
+
+    def claim(self, queues: Iterable[str]) -> list[str]:
+        """The queues to notify with this insert; the caller holds the rest after commit."""
+        now = time.monotonic()
+        wake = []
+        with self._lock:
+            for queue in queues:
+                if now - self._last.get(queue, float("-inf")) >= self.interval:
+                    self._last[queue] = now
+                    wake.append(queue)
+        return wake
+
+    def hold(self, queues: Iterable[str]) -> None:
+        """Notify `queues` once the interval has passed (call after the insert committed)."""
+        with self._lock:
+            self._held.update(queues)
+            if self._held and self._timer is None:
+                self._timer = threading.Timer(self.interval, self.flush)
+                self._timer.daemon = True
+                self._timer.start()
+
+    def flush(self) -> None:
+        """Send the trailing notification for every held queue now."""
+        with self._lock:
+            queues = sorted(self._held)
+            self._held.clear()
+            self._timer = None
+            now = time.monotonic()
+            for queue in queues:
+                self._last[queue] = now
+        if queues:
+            try:
+                self._send(queues)
+            except Exception as exc:  # the producers' poll still finds the jobs
+                log.warning(
+                    "could not wake queue(s) %s after an insert (%s); they are polled instead",
+                    ", ".join(queues),
+                    type(exc).__name__,
+                )
+
+    def close(self) -> None:
+        """Cancel the timer and send what is held, so nothing waits for a poll."""
+        with self._lock:
+            timer, self._timer = self._timer, None
+        if timer is not None:
+            timer.cancel()
+        self.flush()

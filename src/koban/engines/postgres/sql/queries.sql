@@ -28,8 +28,11 @@ WITH input AS (
     DO NOTHING
     RETURNING *
 ), woken AS (
+    -- %(notify)s: the queues this sender may wake now (NULL: all); see InsertNotifyThrottle.
     SELECT count(pg_notify('koban_insert', json_build_object('queue', queue)::text)) AS n
-    FROM (SELECT DISTINCT queue FROM inserted WHERE state = 'available') AS q
+    FROM (SELECT DISTINCT queue FROM inserted
+          WHERE state = 'available'
+            AND (%(notify)s::text[] IS NULL OR queue = ANY(%(notify)s::text[]))) AS q
 )
 SELECT inserted.* FROM inserted, woken ORDER BY id;
 
@@ -116,6 +119,11 @@ SELECT DISTINCT queue FROM staged;
 -- name: notify
 -- Send one notification.
 SELECT pg_notify(%(channel)s, %(payload)s);
+
+-- name: notify_inserts
+-- Wake the given queues (the trailing notification for inserts the throttle held back).
+SELECT count(pg_notify('koban_insert', json_build_object('queue', q)::text))
+FROM unnest(%(queues)s::text[]) AS q;
 
 -- name: count_by_queue_and_state
 -- Job counts per queue and state.
