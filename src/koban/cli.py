@@ -270,8 +270,12 @@ def _parse_time(value: str | None, option: str) -> datetime | None:
         return None
     text = value.strip()
     units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-    if text[-1:].lower() in units and text[:-1].replace(".", "", 1).isdigit():
-        return datetime.now(UTC) - timedelta(seconds=float(text[:-1]) * units[text[-1].lower()])
+    if text[-1:].lower() in units and text[:-1].replace(".", "", 1).isdecimal():
+        try:
+            age = timedelta(seconds=float(text[:-1]) * units[text[-1].lower()])
+            return datetime.now(UTC) - age
+        except OverflowError:
+            fail(f"{option} {value!r} is further back than any date; use a smaller age")
     try:
         parsed = datetime.fromisoformat(text)
     except ValueError:
@@ -743,7 +747,7 @@ def _control_command(action: str, doc: str) -> None:
             assert limit is not None
             if limit == "default":
                 slots = None
-            elif limit.isdigit():
+            elif limit.isdecimal():
                 slots = int(limit)
             else:
                 fail(

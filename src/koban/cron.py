@@ -158,7 +158,12 @@ class Cron:
                 f"{where}: catch_up must be one of {', '.join(CATCH_UP_POLICIES)}, got {catch_up!r}"
             )
         self.catch_up: CatchUp = catch_up
-        self.lookback = timedelta(seconds=_seconds(lookback, f"{where}: lookback"))
+        try:
+            self.lookback = timedelta(seconds=_seconds(lookback, f"{where}: lookback"))
+        except OverflowError:
+            raise ConfigurationError(
+                f"{where}: lookback {lookback!r} is beyond any date; give at most a few years"
+            ) from None
         if (
             isinstance(catch_up_limit, bool)
             or not isinstance(catch_up_limit, int)
@@ -175,7 +180,9 @@ class Cron:
             raise ConfigurationError(f"{where}: meta must be a dict")
         self.meta = dict(meta or {})
         if tags is not None and (
-            isinstance(tags, str) or not all(isinstance(t, str) for t in tags)
+            isinstance(tags, str)
+            or not isinstance(tags, list | tuple)
+            or not all(isinstance(t, str) for t in tags)
         ):
             raise ConfigurationError(f"{where}: tags must be a list of strings")
         self.tags = list(tags) if tags is not None else None

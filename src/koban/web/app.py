@@ -412,7 +412,7 @@ class Dashboard:
     async def jobs(self, request: Request, user: User) -> Response:
         flt, values = self._filter(request)
         before = request.query_params.get("before")
-        flt.before_id = int(before) if before and before.isdigit() else None
+        flt.before_id = int(before) if before and before.isdecimal() else None
         flt.limit = PAGE_SIZE + 1
         found = await self.app.alist_jobs(flt)
         more = len(found) > PAGE_SIZE
@@ -467,7 +467,7 @@ class Dashboard:
     async def job_action(self, request: Request, user: User) -> Response:
         form = await request.form()
         action = str(form.get("action") or "")
-        ids = [int(str(v)) for v in form.getlist("ids") if str(v).isdigit()]
+        ids = [int(str(v)) for v in form.getlist("ids") if str(v).isdecimal()]
         if action not in ("retry", "cancel", "delete"):
             return self._error(request, user, 400, f"Unknown job action {action!r}.")
         if not ids:
@@ -500,7 +500,7 @@ class Dashboard:
             return self._error(request, user, 400, f"Queue action {action!r} is not available.")
         if action == "scale":
             raw = str(form.get("limit") or "")
-            if not raw.isdigit():
+            if not raw.isdecimal():
                 return self._error(
                     request, user, 400, f"Scale queue {queue!r}: the limit must be a whole "
                     f"number of slots, got {raw!r}."
@@ -606,7 +606,9 @@ def _notice(request: Request) -> str | None:
         return None
     n, of = q.get("n", "0"), q.get("of", "0")
     return template.format(
-        n=int(n) if n.isdigit() else 0, of=int(of) if of.isdigit() else 0, queue=q.get("queue", "")
+        n=int(n) if n.isdecimal() else 0,
+        of=int(of) if of.isdecimal() else 0,
+        queue=q.get("queue", ""),
     )
 
 
