@@ -90,7 +90,7 @@ class InsertNotifyThrottle:
     per queue instead of one per insert, and no job waits for the poll interval.
     """
 
-    def __init__(self, send: Callable[[list[str]], None], interval: float = 0.02) -> None:
+    def __init__(self, send: Callable[[list[str]], None], interval: float = 0.005) -> None:
         self.interval = interval
         self._send = send
         self._last: dict[str, float] = {}
