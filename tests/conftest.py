@@ -8,14 +8,17 @@ truncated before each test that uses it.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 import pytest
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
+import koban
+from helpers import AppFactory, make_app
 from koban.engines.base import create_engine
 
 PG_URL = os.environ.get("KOBAN_TEST_DATABASE_URL", "postgresql://root@127.0.0.1:5432/koban_test")
@@ -85,3 +88,18 @@ def fresh_db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "postgres":
         return request.getfixturevalue("fresh_pg_url")
     return f"sqlite:///{tmp_path / 'fresh.db'}"
+
+
+@pytest.fixture
+async def apps(db_url: str) -> AsyncIterator[AppFactory]:
+    """Build apps on the engine under test (`apps(**Koban options)`); all are closed after."""
+    created: list[koban.Koban] = []
+
+    def factory(**options: Any) -> koban.Koban:
+        app = make_app(db_url, **options)
+        created.append(app)
+        return app
+
+    yield factory
+    for app in created:
+        await app.close()

@@ -17,6 +17,7 @@ import sys
 import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -137,6 +138,13 @@ def count_jobs(url: str) -> int:
 
 
 # ----- apps ------------------------------------------------------------------------------------
+#: A fixed, microsecond-free instant for tests that freeze time.
+T0 = datetime(2030, 1, 2, 3, 4, 5, tzinfo=UTC)
+
+#: Builds apps on the engine under test; see the `apps` fixture in tests/conftest.py.
+AppFactory = Callable[..., koban.Koban]
+
+
 def make_app(url: str, **options: Any) -> koban.Koban:
     """An app on `url` with small, test-friendly defaults (short grace, one queue)."""
     options.setdefault("queues", {"default": 10})

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 log = logging.getLogger("koban.telemetry")
@@ -42,6 +42,16 @@ class Telemetry:
 
         return unsubscribe
 
+    def subscribe_many(self, events: Iterable[str], handler: Handler) -> Callable[[], None]:
+        """Subscribe `handler` to each of `events`; returns one function that undoes them all."""
+        undo = [self.subscribe(event, handler) for event in events]
+
+        def unsubscribe() -> None:
+            for step in undo:
+                step()
+
+        return unsubscribe
+
     def emit(self, event: str, **data: Any) -> None:
         """Deliver an event. A failing subscriber is logged and never reaches the caller."""
         for handler in (*self._handlers.get(event, ()), *self._handlers.get("*", ())):
@@ -59,14 +69,7 @@ class JobLogger:
         self.as_json = as_json
 
     def attach(self, telemetry: Telemetry) -> Callable[[], None]:
-        stop = telemetry.subscribe("job:stop", self)
-        fail = telemetry.subscribe("job:exception", self)
-
-        def detach() -> None:
-            stop()
-            fail()
-
-        return detach
+        return telemetry.subscribe_many(("job:stop", "job:exception"), self)
 
     def __call__(self, event: str, data: dict[str, Any]) -> None:
         job = data["job"]

@@ -3,41 +3,20 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Sequence
-from datetime import UTC, datetime
+from collections.abc import Sequence
 from typing import Any
 
 import pytest
 
 import koban
-from helpers import make_app
+from helpers import T0
 from koban.plugins.base import Plugin
 from koban.runtime.node import Node
-
-#: A fixed, microsecond-free instant for tests that freeze time.
-T0 = datetime(2030, 1, 2, 3, 4, 5, tzinfo=UTC)
-
-AppFactory = Callable[..., koban.Koban]
 
 
 @pytest.fixture
 def clock() -> koban.FrozenClock:
     return koban.FrozenClock(T0)
-
-
-@pytest.fixture
-async def apps(db_url: str) -> AsyncIterator[AppFactory]:
-    """Build apps on the engine under test (`apps(**Koban options)`); all are closed after."""
-    created: list[koban.Koban] = []
-
-    def factory(**options: Any) -> koban.Koban:
-        app = make_app(db_url, **options)
-        created.append(app)
-        return app
-
-    yield factory
-    for app in created:
-        await app.close()
 
 
 def idle_node(app: koban.Koban, name: str, plugins: Sequence[Plugin] = (), **kw: Any) -> Node:

@@ -10,11 +10,9 @@ import time
 import pytest
 
 import koban
-from helpers import await_until, wait_for_state
+from helpers import AppFactory, await_until, wait_for_state
 from koban import Cron, Heartbeat, Job, JobState, UnknownNodeError
 from koban.errors import ConfigurationError
-
-from .conftest import AppFactory
 
 
 def node_app(apps: AppFactory, name: str) -> koban.Koban:

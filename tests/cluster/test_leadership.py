@@ -8,12 +8,12 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 import koban
-from helpers import await_until, sql_rows
+from helpers import AppFactory, await_until, sql_rows
 from koban import Leadership
 from koban.engines.sqlite.rows import from_us
 from koban.errors import ConfigurationError
 
-from .conftest import AppFactory, idle_node
+from .conftest import idle_node
 
 
 def lease_row(url: str) -> tuple[str, datetime] | None:

@@ -5,11 +5,12 @@ from __future__ import annotations
 from datetime import timedelta
 
 import koban
+from helpers import AppFactory
 from koban import Heartbeat, Job, JobState, Lifeline
 from koban.engines.base import Ack
 from koban.runtime.node import Node
 
-from .conftest import AppFactory, idle_node
+from .conftest import idle_node
 
 
 async def register(app: koban.Koban, name: str) -> tuple[Node, Heartbeat]:

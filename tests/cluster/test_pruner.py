@@ -7,12 +7,12 @@ from datetime import timedelta
 import pytest
 
 import koban
-from helpers import is_postgres, sql_rows
+from helpers import AppFactory, is_postgres, sql_rows
 from koban import Job, JobFilter, JobState, Pruner, Reindexer
 from koban.engines.base import Ack
 from koban.errors import ConfigurationError
 
-from .conftest import AppFactory, idle_node
+from .conftest import idle_node
 
 DAY = 86400.0
 

@@ -10,11 +10,12 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 import koban
+from helpers import T0, AppFactory
 from koban import ConfigurationError, Cron, Heartbeat, Job, Scheduler, UnknownWorkerError
 from koban.plugins.scheduler import cron_job
 from koban.runtime.node import Node
 
-from .conftest import T0, AppFactory, idle_node
+from .conftest import idle_node
 
 
 def with_worker(app: koban.Koban) -> koban.Koban:

@@ -12,13 +12,11 @@ from pathlib import Path
 import pytest
 
 import koban
-from helpers import count_jobs, subprocess_env, wait_until
+from helpers import AppFactory, count_jobs, subprocess_env, wait_until
 from koban import Job, JobFilter, JobState, Unique
 from koban.engines.base import Ack
 from koban.errors import ConfigurationError, JobValidationError
 from koban.unique import ALL_STATES, INCOMPLETE_STATES
-
-from .conftest import AppFactory
 
 
 def app_with_workers(apps: AppFactory, **options: object) -> tuple[koban.Koban, object, object]:

@@ -2,35 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
-from datetime import UTC, datetime
-from typing import Any
-
 import pytest
 
 import koban
-from helpers import make_app
+from helpers import T0, AppFactory
 from koban.plugins.stager import Stager
-
-#: A fixed, microsecond-free instant for tests that freeze time.
-T0 = datetime(2030, 1, 2, 3, 4, 5, tzinfo=UTC)
-
-AppFactory = Callable[..., koban.Koban]
-
-
-@pytest.fixture
-async def apps(db_url: str) -> AsyncIterator[AppFactory]:
-    """Build apps on the engine under test (`apps(**Koban options)`); all are closed after."""
-    created: list[koban.Koban] = []
-
-    def factory(**options: Any) -> koban.Koban:
-        app = make_app(db_url, **options)
-        created.append(app)
-        return app
-
-    yield factory
-    for app in created:
-        await app.close()
 
 
 @pytest.fixture

@@ -11,10 +11,8 @@ from typing import Any
 import pytest
 
 import koban
-from helpers import count_jobs, make_app
+from helpers import AppFactory, count_jobs, make_app
 from koban import Job, JobValidationError
-
-from .conftest import AppFactory
 
 
 @pytest.mark.parametrize(

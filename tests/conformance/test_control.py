@@ -6,10 +6,8 @@ import asyncio
 from datetime import timedelta
 
 import koban
-from helpers import sql_rows, wait_for_state
+from helpers import AppFactory, sql_rows, wait_for_state
 from koban import Job, JobFilter, JobState
-
-from .conftest import AppFactory
 
 
 async def seed(app: koban.Koban) -> list[Job]:

@@ -6,11 +6,9 @@ import asyncio
 from datetime import timedelta
 
 import koban
-from helpers import sql_rows
+from helpers import T0, AppFactory, sql_rows
 from koban import Job, JobFilter, JobState
 from koban.engines.base import Ack
-
-from .conftest import T0, AppFactory
 
 
 async def test_fetch_order_is_priority_then_scheduled_at_then_id(

@@ -8,10 +8,8 @@ from datetime import timedelta
 import psycopg
 
 import koban
-from helpers import count_jobs, is_postgres, sqlite_path
+from helpers import T0, AppFactory, count_jobs, is_postgres, sqlite_path
 from koban import Job, JobState
-
-from .conftest import T0, AppFactory
 
 
 def close_to(a: object, b: object, tolerance: float = 0.001) -> bool:

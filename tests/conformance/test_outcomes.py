@@ -7,11 +7,9 @@ import threading
 from datetime import timedelta
 
 import koban
-from helpers import await_until, wait_for_state
+from helpers import T0, AppFactory, await_until, wait_for_state
 from koban import Job, JobState
 from koban.plugins.stager import Stager
-
-from .conftest import T0, AppFactory
 
 
 def seconds_after_t0(value: object) -> float:

@@ -5,12 +5,10 @@ from __future__ import annotations
 from datetime import timedelta
 
 import koban
-from helpers import wait_for_state
+from helpers import T0, AppFactory, wait_for_state
 from koban import Job, JobState
 from koban.engines.base import Ack
 from koban.plugins.stager import Stager
-
-from .conftest import T0, AppFactory
 
 
 async def test_stage_moves_only_due_jobs(apps: AppFactory, clock: koban.FrozenClock) -> None:

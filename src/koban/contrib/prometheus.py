@@ -90,14 +90,7 @@ class PrometheusMetrics:
     # ----- telemetry ------------------------------------------------------------------------
     def attach(self, telemetry: Telemetry) -> Callable[[], None]:
         """Count every execution reported on `telemetry`; returns a function that detaches."""
-        stop = telemetry.subscribe("job:stop", self)
-        fail = telemetry.subscribe("job:exception", self)
-
-        def detach() -> None:
-            stop()
-            fail()
-
-        return detach
+        return telemetry.subscribe_many(("job:stop", "job:exception"), self)
 
     def __call__(self, event: str, data: dict[str, Any]) -> None:
         job = data["job"]
