@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import psycopg
 import pytest
 
 import koban
@@ -93,6 +94,8 @@ def test_table_and_memory_stay_bounded_under_a_steady_stream(
     app = koban.Koban(pg_url)
     samples: list[Sample] = []
     inserted = 0
+    # Batches whose insert failed with a broken connection: committed or not, nobody knows.
+    uncertain = 0
     began = time.monotonic()
     next_sample = began + SAMPLE_EVERY
     next_vacuum = began + 10.0
@@ -101,11 +104,17 @@ def test_table_and_memory_stay_bounded_under_a_steady_stream(
         tick = 0
         while time.monotonic() - began < SECONDS:
             tick += 1
-            app.enqueue_many(
-                koban.Job(worker=WORKERS[i % 2], queue="chaos", max_attempts=3)
-                for i in range(RATE // 10)
-            )
-            inserted += RATE // 10
+            try:
+                app.enqueue_many(
+                    koban.Job(worker=WORKERS[i % 2], queue="chaos", max_attempts=3)
+                    for i in range(RATE // 10)
+                )
+                inserted += RATE // 10
+            except (psycopg.OperationalError, koban.DatabaseError) as exc:
+                # The shared server may drop connections (another suite's test, a restart):
+                # a producer retries on the next tick, as an application would.
+                print(f"enqueue failed at {time.monotonic() - began:.1f} s: {exc}")
+                uncertain += RATE // 10
             if time.monotonic() >= next_sample:
                 samples.append(sample(pg_url, cluster, began))
                 next_sample += SAMPLE_EVERY
@@ -129,7 +138,9 @@ def test_table_and_memory_stay_bounded_under_a_steady_stream(
 
     # Every job ran: the ledger saw each one end (the pruner has deleted most rows by now).
     ended = {e.job_id for e in read_ledger(cluster.ledger_dir) if e.kind == "F"}
-    assert len(ended) == inserted, f"{inserted - len(ended)} of {inserted} jobs never ran"
+    assert inserted <= len(ended) <= inserted + uncertain, (
+        f"{len(ended)} jobs ran; {inserted} were inserted (and {uncertain} maybe)"
+    )
 
     # The table holds about PRUNE_AFTER seconds of jobs, not the whole run's.
     steady = samples[len(samples) // 4 :]
