@@ -39,9 +39,10 @@ def terminate_other_backends(url: str) -> list[int]:
     """Kill every other session on the test database, as a failover or an admin would."""
     rows = sql_rows(
         url,
-        # CASE fixes the evaluation order: never terminate this very session.
-        "SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
-        "AND CASE WHEN pid = pg_backend_pid() THEN false ELSE pg_terminate_backend(pid) END",
+        # Terminate in the SELECT list, so only rows that passed the WHERE (this database,
+        # not this session) are touched; in the WHERE the planner may call it first.
+        "SELECT pid, pg_terminate_backend(pid) FROM pg_stat_activity "
+        "WHERE datname = current_database() AND pid <> pg_backend_pid()",
     )
     return [r[0] for r in rows]
 
