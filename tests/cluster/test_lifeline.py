@@ -146,3 +146,37 @@ async def test_a_leader_whose_own_heartbeat_is_late_rescues_nothing(
     assert await lifeline.tick(leader) == 0
     stored = await app.aget_job(job.id or 0)
     assert stored is not None and stored.state is JobState.EXECUTING
+
+
+async def test_a_job_claimed_within_the_window_is_not_rescued_though_its_nodes_heartbeat_is_late(
+    apps: AppFactory, clock: koban.FrozenClock
+) -> None:
+    """A claim proves its node alive. A rescue judged on a stale view — a leader's statement
+    delayed in the network until after the node came back and claimed a job, before its next
+    heartbeat landed — must not take that job back and run it a second time."""
+    app = apps(clock=clock)
+    await app.open()
+    flaky, _flaky_beat = await register(app, "flaky")
+    leader, leader_beat = await register(app, "leader")
+    lifeline = Lifeline(rescue_after=15)
+    [old, fresh] = await app.aenqueue_many([Job(worker="w.a", max_attempts=3) for _ in range(2)])
+    [claimed_early] = await take(app, flaky, 1)
+    assert claimed_early.id == old.id
+
+    clock.advance(20)  # flaky's last heartbeat is 20 s old: by its heartbeat alone it is dead
+    [claimed_now] = await take(app, flaky, 1)  # ...but it claims a job now: it is alive
+    assert claimed_now.id == fresh.id
+    await leader_beat.tick(leader)
+    assert await lifeline.tick(leader) == 1  # only the job claimed 20 s ago
+
+    early = await app.aget_job(old.id or 0)
+    assert early is not None and early.state is JobState.AVAILABLE
+    now = await app.aget_job(fresh.id or 0)
+    assert now is not None and now.state is JobState.EXECUTING and "rescued" not in now.meta
+
+    # Silent for a whole window after its last claim too: now it is dead, and its job runs again.
+    clock.advance(16)
+    await leader_beat.tick(leader)
+    assert await lifeline.tick(leader) == 1
+    now = await app.aget_job(fresh.id or 0)
+    assert now is not None and now.state is JobState.AVAILABLE and now.meta["rescued"] == 1

@@ -235,6 +235,9 @@ DELETE FROM koban_leader WHERE node = %(node)s RETURNING node;
 -- name: rescue_jobs
 -- Executing jobs whose node is dead (no recent heartbeat) or restarted since it took them go
 -- back to available, or to discarded when they have no attempt left; each rescue is recorded.
+-- A claim is a sign of life as good as a heartbeat: a job its node claimed within the window
+-- is never rescued, so a rescue judged on a stale view (a statement delayed in the network
+-- past its node's return) cannot take back a job that node has just claimed.
 WITH t AS (
     SELECT coalesce(%(now)s::timestamptz, now()) AS t
 ), orphans AS (
@@ -243,7 +246,8 @@ WITH t AS (
       AND NOT EXISTS (
           SELECT 1 FROM koban_nodes AS n
           WHERE n.name = j.attempted_by[1]
-            AND n.heartbeat_at > t.t - make_interval(secs => %(rescue_after)s)
+            AND (n.heartbeat_at > t.t - make_interval(secs => %(rescue_after)s)
+                 OR j.attempted_at > t.t - make_interval(secs => %(rescue_after)s))
             AND n.started_at <= j.attempted_at)
     ORDER BY j.id
     LIMIT %(limit)s

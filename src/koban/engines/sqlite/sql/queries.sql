@@ -255,6 +255,7 @@ DELETE FROM koban_leader WHERE node = :node RETURNING node;
 -- name: rescue_jobs
 -- Executing jobs whose node is dead (no heartbeat since :since) or restarted since it took
 -- them go back to available, or to discarded without an attempt left; each rescue is recorded.
+-- A claim within the window counts as a sign of life, as on PostgreSQL (see its comment).
 UPDATE koban_jobs
 SET state = CASE WHEN attempt >= max_attempts THEN 'discarded' ELSE 'available' END,
     discarded_at = CASE WHEN attempt >= max_attempts THEN :now ELSE discarded_at END,
@@ -273,7 +274,7 @@ WHERE id IN (
       AND NOT EXISTS (
           SELECT 1 FROM koban_nodes AS n
           WHERE n.name = json_extract(j.attempted_by, '$[0]')
-            AND n.heartbeat_at > :since
+            AND (n.heartbeat_at > :since OR j.attempted_at > :since)
             AND n.started_at <= j.attempted_at)
     ORDER BY j.id
     LIMIT :limit)
