@@ -13,8 +13,8 @@ from koban.runtime.node import Node
 from .conftest import idle_node
 
 
-async def register(app: koban.Koban, name: str) -> tuple[Node, Heartbeat]:
-    heartbeat = Heartbeat()
+async def register(app: koban.Koban, name: str, interval: float = 5.0) -> tuple[Node, Heartbeat]:
+    heartbeat = Heartbeat(interval=interval)
     node = idle_node(app, name, [heartbeat, Lifeline(rescue_after=15)])
     await heartbeat.start(node)
     return node, heartbeat
@@ -103,7 +103,9 @@ async def test_jobs_of_a_restarted_node_are_rescued_at_once(
     [job] = await app.aenqueue_many([Job(worker="w.a")])
     await take(app, before)
     clock.advance(2)
-    after, _ = await register(app, "worker-1")  # a new incarnation (new process)
+    # A new incarnation (new process): it watches the crashed one's row for two of its
+    # heartbeat intervals (short here) before taking the name over.
+    after, _ = await register(app, "worker-1", interval=0.1)
     assert await Lifeline(rescue_after=15).tick(after) == 1
     stored = await app.aget_job(job.id or 0)
     assert stored is not None and stored.state is JobState.AVAILABLE

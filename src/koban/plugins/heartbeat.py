@@ -14,11 +14,12 @@ were abandoned at shutdown, the row is left to expire so they are rescued only t
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import socket
 import uuid
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
 from koban.engines.base import JobFilter, NodeInfo
@@ -88,7 +89,49 @@ class Heartbeat(Plugin):
         # A fresh incarnation per start: a restarted node (same name) must not look like the
         # one whose jobs it never ran.
         self.incarnation = uuid.uuid4().hex
+        await self._refuse_a_live_namesake(node)
         await self._beat(node)
+
+    async def _refuse_a_live_namesake(self, node: Node) -> None:
+        """Refuse to start under the name of a node that is still running.
+
+        Two live processes with one name would each re-register over the other and rescue
+        each other's jobs as a restarted node's. A row with a recent heartbeat may also be a
+        predecessor that just crashed (a restart under a fixed name): it is watched for up to
+        two heartbeat intervals, and only a heartbeat that moves on refuses the start.
+        """
+        other = await self._namesake(node)
+        if other is None or other.heartbeat_at is None:
+            return
+        if other.heartbeat_at <= node.clock.now() - timedelta(seconds=node.live_within):
+            return  # long silent: a dead predecessor, whose jobs the lifeline rescues
+        log.info(
+            "node name %s was heartbeating until recently (pid %s on %s); watching it for %.0f s "
+            "before taking the name over",
+            node.name, other.meta.get("pid", "?"), other.meta.get("host", "?"),
+            2 * self.interval,
+        )  # fmt: skip
+        deadline = asyncio.get_running_loop().time() + 2 * self.interval
+        while asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(min(0.5, self.interval / 5))
+            now = await self._namesake(node)
+            if now is None:
+                return  # it stopped cleanly and removed its row
+            if now.heartbeat_at != other.heartbeat_at or now.meta != other.meta:
+                raise ConfigurationError(
+                    f"node name {node.name!r} is in use by a running node (pid "
+                    f"{now.meta.get('pid', '?')} on {now.meta.get('host', '?')}): two processes "
+                    "under one name would rescue each other's jobs. Give each process its own "
+                    "name (koban start --node NAME, or app.start(node=...)), or leave it to the "
+                    "default (host.pid); or stop the other node first."
+                )
+
+    async def _namesake(self, node: Node) -> NodeInfo | None:
+        """The row registered under this node's name by another incarnation, if any."""
+        for info in await node.engine.list_nodes():
+            if info.name == node.name and info.meta.get("incarnation") != self.incarnation:
+                return info
+        return None
 
     async def tick(self, node: Node) -> int:
         """Refresh the heartbeat and settings; return how many stale jobs were stopped."""
