@@ -146,6 +146,26 @@ def test_bulk_by_filter_asks_first(url: str) -> None:
     assert [j["id"] for j in run_json("jobs", "list", "-d", url)] == [keep["id"]]
 
 
+def test_bulk_by_filter_that_matches_nothing_it_could_change_says_so_without_asking(
+    url: str,
+) -> None:
+    job = insert(url, schedule_in="3600", tag="nightly")
+    assert run("jobs", "cancel", str(job["id"]), "-d", url).exit_code == 0
+
+    # No job has this tag; the one tagged job is cancelled already, so cancel has nothing to do.
+    for tag in ("no-such-tag", "nightly"):
+        result = run("jobs", "cancel", "--tag", tag, "-d", url)  # no --yes, no input given
+        assert result.exit_code == 0, result.stderr
+        assert "no job matches: nothing to cancel" in result.stderr
+        assert "?" not in result.stderr
+    assert run_json("jobs", "cancel", "--tag", "no-such-tag", "-d", url)["job_ids"] == []
+
+    # Retry does apply to a cancelled job: it asks, counting only what it would change.
+    asked = run("jobs", "retry", "--tag", "nightly", "-d", url, input="n\n")
+    assert asked.exit_code == 1
+    assert "retry 1 matching job(s)?" in asked.stderr
+
+
 def test_unreachable_database_exits_3() -> None:
     result = run("jobs", "list", "--database", "postgresql://root:hunter2@127.0.0.1:1/nowhere")
     assert result.exit_code == 3

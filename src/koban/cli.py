@@ -555,9 +555,19 @@ def _bulk_command(action: str, doc: str) -> None:
         try:
             flt = run_guarded(_build_filter, app, has_registry, job_ids, **f)
             if not job_ids and not yes:
-                count = len(
-                    run_guarded(app.list_jobs, JobFilter(**{**_fields(flt), "limit": 10_001}))
-                )
+                # Count only the jobs the action applies to, so the question is the truth.
+                eligible = _ACTION_STATES[action]
+                states = [JobState(s) for s in flt.states] if flt.states else list(JobState)
+                states = [s for s in states if s in eligible]
+                count = 0
+                if states:
+                    counted = JobFilter(**{**_fields(flt), "states": states, "limit": 10_001})
+                    count = len(run_guarded(app.list_jobs, counted))
+                if count == 0:
+                    click.echo(f"no job matches: nothing to {action}", err=True)
+                    if as_json:
+                        _print_json({"action": action, "job_ids": []})
+                    return
                 shown = "more than 10000" if count > 10_000 else str(count)
                 click.confirm(f"{action} {shown} matching job(s)?", abort=True, err=True)
             method = getattr(app, f"{action}_jobs")
@@ -581,6 +591,20 @@ def _bulk_command(action: str, doc: str) -> None:
                 "delete": "missing or executing (cancel it first)",
             }[action]
             fail(f"not {action}: job(s) {', '.join(map(str, missed))} ({why})", EXIT_JOB)
+
+
+#: The states each bulk action changes (see the engines' cancel/retry/delete statements).
+_ACTION_STATES = {
+    "cancel": {JobState.AVAILABLE, JobState.SCHEDULED, JobState.EXECUTING, JobState.RETRYABLE},
+    "retry": {
+        JobState.SCHEDULED,
+        JobState.RETRYABLE,
+        JobState.COMPLETED,
+        JobState.DISCARDED,
+        JobState.CANCELLED,
+    },
+    "delete": set(JobState) - {JobState.EXECUTING},
+}
 
 
 def _fields(flt: JobFilter) -> dict[str, Any]:
