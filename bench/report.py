@@ -135,6 +135,18 @@ def markdown(results: dict[str, Any]) -> str:
                 f"{_fmt(p['p99_ms'], 1)} | {_fmt(p['worst_p99_ms'], 1)} |"
             )
         lines.append("")
+    if "cpu" in results:
+        cpu = results["cpu"]
+        lines += [
+            "## CPU-bound jobs: thread pool vs process pool",
+            "",
+            f"{cpu['jobs']:,} jobs of ~{_fmt(cpu['job_ms'])} ms of pure Python each, {cpu['slots']} slots; "
+            f"sync workers in the thread pool: {', '.join(_fmt(x, 1) for x in cpu['thread_jobs_per_s'])} "
+            f'jobs/s; executor="process" with {cpu["processes"]} worker processes: '
+            f"{', '.join(_fmt(x, 1) for x in cpu['process_jobs_per_s'])} jobs/s; median ratio "
+            f"{_ratio(cpu['ratio'])}.",
+            "",
+        ]
     if "memory" in results:
         mem = results["memory"]
         lines += [

@@ -1,6 +1,7 @@
 """koban's benchmark: koban beside its peers and beside the database's own limit, one command.
 
     .venv/bin/python bench/run.py [--quick] [--rounds N] [--jobs N] [--only koban,pgqueuer,...]
+    .venv/bin/python bench/run.py --only koban --workloads '' --cpu   # threads vs processes
 
 Each peer runs from its own virtualenv under bench/.envs/ (created here from PyPI on first
 use); each system gets its own database on the same PostgreSQL server. Rounds are
@@ -318,6 +319,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--memory-jobs", type=int, default=1_000_000)
     p.add_argument(
+        "--cpu",
+        action="store_true",
+        help="CPU-bound jobs: koban's thread pool vs its process pool, once per round",
+    )
+    p.add_argument("--cpu-jobs", type=int, default=200, help="jobs for --cpu (each ~20 ms of CPU)")
+    p.add_argument(
         "--database",
         default=os.environ.get(
             "BENCH_DATABASE_URL", "postgresql://root@127.0.0.1:5432/koban_bench"
@@ -489,6 +496,8 @@ def main(argv: list[str] | None = None) -> int:
         results["history"] = run_history(targets["koban"], koban_dsn, jobs, ns.history_rows, rounds)
     if ns.xmin and "koban" in targets:
         results["xmin"] = run_xmin(targets["koban"], koban_dsn, ns.rate * 2.5, ns.xmin_hold)
+    if ns.cpu and "koban" in targets:
+        results["cpu"] = run_cpu(targets["koban"], ns.cpu_jobs, rounds)
     if ns.memory and "koban" in targets:
         log(f"memory: koban burn-down of {ns.memory_jobs:,} jobs")
         r = targets["koban"].run(
@@ -504,9 +513,12 @@ def main(argv: list[str] | None = None) -> int:
     import report
 
     (out_dir / "results.md").write_text(report.markdown(results))
-    chart = draw_chart(json_path, out_dir / "chart.png")
     shown = json_path.relative_to(ROOT) if json_path.is_relative_to(ROOT) else json_path
-    drawn = ", chart.png" if chart else " (no chart: matplotlib environment unavailable)"
+    if any(results["rounds"]):
+        chart = draw_chart(json_path, out_dir / "chart.png")
+        drawn = ", chart.png" if chart else " (no chart: matplotlib environment unavailable)"
+    else:
+        drawn = " (no chart: no burn-down, latency or enqueue workload ran)"
     log(f"wrote {shown}, results.md{drawn}")
     print((out_dir / "results.md").read_text())
     return 0
@@ -530,6 +542,29 @@ def run_history(target: Target, dsn: str, jobs: int, rows: int, rounds: int) -> 
         "empty_jobs_per_s": empty,
         "history_jobs_per_s": full,
         "ratio": median(ratios),
+    }
+
+
+def run_cpu(target: Target, jobs: int, rounds: int) -> dict[str, Any]:
+    """CPU-bound jobs burned down by sync workers in threads, then in worker processes."""
+    runs = []
+    for rnd in range(rounds):
+        log(f"cpu round {rnd + 1}/{rounds}: {jobs} CPU-bound jobs, threads then processes")
+        r = target.run("cpu", "--jobs", str(jobs))
+        runs.append(r)
+        log(
+            f"cpu: threads {r['thread_jobs_per_s']:.1f} jobs/s, processes "
+            f"{r['process_jobs_per_s']:.1f} jobs/s ({r['processes']} processes): "
+            f"{r['process_vs_thread']:.2f}x"
+        )
+    return {
+        "jobs": jobs,
+        "processes": runs[0]["processes"],
+        "slots": runs[0]["slots"],
+        "job_ms": median([r["job_ms"] for r in runs]),
+        "thread_jobs_per_s": [r["thread_jobs_per_s"] for r in runs],
+        "process_jobs_per_s": [r["process_jobs_per_s"] for r in runs],
+        "ratio": median([r["process_vs_thread"] for r in runs]),
     }
 
 

@@ -5,14 +5,12 @@ from __future__ import annotations
 import json
 import math
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-import koban
 from koban import Job, JobValidationError, Unique
 from koban.backoff import exponential
 from koban.job import validate
@@ -239,12 +237,3 @@ def test_period_none_never_expires() -> None:
     unique = Unique(period=None)
     far = NOW + timedelta(days=3650)
     assert unique_key(ujob({"x": 1}), unique, NOW) == unique_key(ujob({"x": 1}), unique, far)
-
-
-def test_process_executor_is_refused_until_it_exists(tmp_path: Path) -> None:
-    app = koban.Koban(f"sqlite:///{tmp_path / 'k.db'}")
-
-    def crunch(job: koban.Job) -> None: ...
-
-    with pytest.raises(koban.ConfigurationError, match=r"crunch.*executor='process'"):
-        app.worker(executor="process")(crunch)

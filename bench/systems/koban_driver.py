@@ -2,13 +2,21 @@
 
 Options (--option KEY=VALUE): slots (the queue's slots, default 100), sync=1 (a sync worker,
 run in the thread pool, instead of an async one).
+
+A workload of koban's own, `cpu`: --jobs CPU-bound jobs (default 200), each the same ~20 ms of
+pure Python (`burn_cpu`), burned down once by sync workers in the thread pool and once by
+executor="process" workers in a pool of `processes` worker processes (option, default one per
+CPU); the queue gets `cpu_slots` slots in both runs (option, default twice `processes`). Prints
+jobs/s for each and their ratio.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -23,6 +31,8 @@ import psycopg
 import koban
 
 UNFINISHED = ("available", "scheduled", "executing", "retryable")
+#: Loop count of one `cpu` job: about 20 ms of pure Python on the 2-core benchmark machine.
+CPU_LOOPS = 400_000
 _on_start: Callable[[dict[str, Any]], None] = lambda _args: None  # noqa: E731
 
 
@@ -123,5 +133,108 @@ def make(ns: argparse.Namespace) -> KobanSystem:
 
 make.system_name = "koban"  # type: ignore[attr-defined]
 
+
+# ----- the `cpu` workload ---------------------------------------------------------------------
+def burn_cpu() -> int:
+    """The same fixed amount of pure-Python work for every `cpu` job (it holds the GIL)."""
+    total = 0
+    for i in range(CPU_LOOPS):
+        total += i * i % 7
+    return total
+
+
+# Module level, so worker processes import them (as this script, by path).
+def cpu_in_thread(job: koban.Job) -> None:
+    burn_cpu()
+
+
+def cpu_in_process(job: koban.Job) -> None:
+    burn_cpu()
+
+
+async def cpu_burndown(
+    ns: argparse.Namespace, executor: str, processes: int, slots: int
+) -> dict[str, Any]:
+    """Enqueue --jobs CPU-bound jobs (untimed), then time one node from its start (worker
+    processes included) until every job's outcome is recorded."""
+    system = KobanSystem(ns)
+    try:
+        await system.reset()
+    finally:
+        await system.close()
+    fn = cpu_in_process if executor == "process" else cpu_in_thread
+    app = koban.Koban(ns.dsn, queues={"default": slots}, processes=processes, shutdown_grace=5.0)
+    worker = app.worker(fn, executor=executor, max_attempts=1)
+    try:
+        for start in range(0, ns.jobs, 5000):
+            await app.aenqueue_many(worker.new() for _ in range(start, min(ns.jobs, start + 5000)))
+
+        async def counts() -> dict[str, int]:
+            by_state: dict[str, int] = {}
+            for states in (await app.engine.count_by_queue_and_state()).values():
+                for state, n in states.items():
+                    by_state[state] = by_state.get(state, 0) + n
+            return by_state
+
+        async def finished() -> bool:
+            return not any(n for s, n in (await counts()).items() if s in UNFINISHED)
+
+        t0 = time.perf_counter()
+        await app.start()
+        try:
+            if not await common.wait_until(finished, ns.timeout):
+                raise TimeoutError(f"cpu ({executor}): jobs unfinished after {ns.timeout} s")
+            seconds = time.perf_counter() - t0
+        finally:
+            await app.stop()
+        completed = (await counts()).get("completed", 0)
+    finally:
+        await app.close()
+    return {
+        "seconds": seconds,
+        "jobs_per_s": ns.jobs / seconds,
+        "completed": completed,
+    }
+
+
+async def cpu(ns: argparse.Namespace) -> dict[str, Any]:
+    opts = common.options(ns)
+    processes = int(opts.get("processes", str(os.cpu_count() or 1)))
+    slots = int(opts.get("cpu_slots", str(2 * processes)))
+    t = time.perf_counter()
+    burn_cpu()
+    job_ms = (time.perf_counter() - t) * 1000
+    thread = await cpu_burndown(ns, "thread", processes, slots)
+    process = await cpu_burndown(ns, "process", processes, slots)
+    return {
+        "jobs": ns.jobs,
+        "processes": processes,
+        "slots": slots,
+        "loops": CPU_LOOPS,
+        "job_ms": job_ms,
+        "thread": thread,
+        "process": process,
+        "thread_jobs_per_s": thread["jobs_per_s"],
+        "process_jobs_per_s": process["jobs_per_s"],
+        "process_vs_thread": process["jobs_per_s"] / thread["jobs_per_s"],
+    }
+
+
+def main_cpu() -> None:
+    p = argparse.ArgumentParser(prog="koban_driver.py cpu")
+    p.add_argument("workload", choices=["cpu"])
+    p.add_argument("--dsn", required=True)
+    p.add_argument("--jobs", type=int, default=200)
+    p.add_argument("--timeout", type=float, default=600.0)
+    p.add_argument("--option", action="append", default=[], help="KEY=VALUE")
+    result = asyncio.run(cpu(p.parse_args()))
+    result["system"] = "koban"
+    result["python"] = sys.version.split()[0]
+    print(json.dumps(result), flush=True)
+
+
 if __name__ == "__main__":
-    common.run(make)
+    if sys.argv[1:2] == ["cpu"]:
+        main_cpu()
+    else:
+        common.run(make)

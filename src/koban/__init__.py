@@ -16,6 +16,7 @@ from koban.errors import (
     UnknownNodeError,
     UnknownQueueError,
     UnknownWorkerError,
+    WorkerProcessDied,
 )
 from koban.job import Cancel, Discard, Job, JobState, Snooze
 from koban.plugins.heartbeat import Heartbeat
@@ -36,5 +37,6 @@ __all__ = [
     "JobState", "JobTimeoutError", "JobValidationError", "Koban", "KobanError", "Leadership",
     "Lifeline", "NodeInfo", "Pruner", "QueueState", "Reindexer", "Scheduler",
     "SchemaNotMigratedError", "SchemaTooNewError", "Snooze", "Stager", "Unique",
-    "UnknownNodeError", "UnknownQueueError", "UnknownWorkerError", "Worker", "__version__",
+    "UnknownNodeError", "UnknownQueueError", "UnknownWorkerError", "Worker", "WorkerProcessDied",
+    "__version__",
 ]  # fmt: skip

@@ -81,6 +81,16 @@ def parse_queues(spec: str | Mapping[str, int] | None) -> dict[str, int]:
     return queues
 
 
+def check_processes(value: object) -> int:
+    """The process pool's size, or ConfigurationError naming the setting."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigurationError(
+            f"processes (the number of worker processes for executor='process' jobs) must be "
+            f"a whole number of at least 1, got {value!r}"
+        )
+    return value
+
+
 def _is_id(value: object) -> bool:
     """True if `value` could be a job id: ids are 64-bit, and no job has one beyond that."""
     return not isinstance(value, int) or -(2**63) <= value <= 2**63 - 1
@@ -100,7 +110,8 @@ class Koban:
 
     `cron` lists `koban.Cron` entries the cluster's leader inserts on schedule. `plugins`
     replaces default plugins of the same class (Stager, Heartbeat, Leadership, Lifeline,
-    Pruner, Reindexer, Scheduler) or adds others; see docs/cluster.md.
+    Pruner, Reindexer, Scheduler) or adds others; see docs/cluster.md. `processes` is how many
+    worker processes run `executor="process"` jobs (default: one per CPU).
     """
 
     def __init__(
@@ -115,6 +126,7 @@ class Koban:
         max_args_bytes: int | None = DEFAULT_MAX_ARGS_BYTES,
         engine: Engine | None = None,
         cron: Sequence[Cron] | None = None,
+        processes: int | None = None,
     ) -> None:
         url = database or os.environ.get("KOBAN_DATABASE_URL")
         self.engine = engine or create_engine(url)
@@ -132,6 +144,8 @@ class Koban:
                 f"empty args, {{}}) or None for no limit, got {max_args_bytes!r}"
             )
         self.max_args_bytes = max_args_bytes
+        #: Worker processes a node runs executor="process" jobs in (`koban start --processes`).
+        self.processes = check_processes(os.cpu_count() or 1 if processes is None else processes)
         self.telemetry = Telemetry()
         self.workers: dict[str, RegisteredWorker] = {}
         self.extra_plugins: list[Plugin] = list(plugins or [])
@@ -496,6 +510,7 @@ class Koban:
             plugins=plugins,
             name=node or self.node_name,
             shutdown_grace=self.shutdown_grace,
+            processes=check_processes(self.processes),
         )
         await new.start()
         self.node = new

@@ -113,6 +113,11 @@ def migrate(database: str | None, app_path: str | None, status: bool, print_sql:
 @click.option("--app", "app_path", required=True, help="The app to run, as module:attribute.")
 @click.option("--queues", "-q", help="Override queues, e.g. default=10,mailers=2.")
 @click.option("--node", "-n", help="Node name (default host.pid).")
+@click.option(
+    "--processes",
+    type=click.IntRange(min=1),
+    help="Worker processes for executor='process' jobs (default: the app's, one per CPU).",
+)
 @click.option("--log-level", default="INFO", show_default=True)
 @click.option(
     "--metrics-port",
@@ -131,6 +136,7 @@ def start(
     app_path: str,
     queues: str | None,
     node: str | None,
+    processes: int | None,
     log_level: str,
     metrics_port: int | None,
     metrics_addr: str,
@@ -142,6 +148,8 @@ def start(
     )
     app = load_app(app_path)
     queue_map = run_guarded(parse_queues, queues) if queues else None
+    if processes is not None:
+        app.processes = processes
     from koban.telemetry import JobLogger
 
     JobLogger().attach(app.telemetry)

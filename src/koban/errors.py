@@ -45,3 +45,7 @@ class JobTimeoutError(KobanError, TimeoutError):
 
 class UnknownNodeError(KobanError, LookupError):
     """A node name does not match any registered node."""
+
+
+class WorkerProcessDied(KobanError):
+    """The worker process running a job (executor="process") exited before replying."""

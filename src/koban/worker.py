@@ -7,6 +7,8 @@
 ... class SyncAllWorker(Worker):
 ...     queue = "default"
 ...     def perform(self, job: Job) -> None: ...   # sync: runs in a thread pool
+>>> @app.worker(executor="process", timeout=60)   # CPU-bound: in a worker process
+... def render_heatmap(job: Job) -> None: ...     # (module level; see runtime/processes.py)
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ if TYPE_CHECKING:
     from koban.app import Koban
     from koban.unique import Unique
 
-EXECUTORS = ("async", "thread")
+EXECUTORS = ("async", "thread", "process")
 
 
 def worker_name(obj: Any) -> str:
@@ -73,11 +75,6 @@ def check_options(name: str, options: WorkerOptions) -> None:
         raise ConfigurationError(
             f"worker {name!r}: timeout must be a positive number of seconds or None, "
             f"got {options.timeout!r}"
-        )
-    if options.executor == "process":
-        raise ConfigurationError(
-            f"worker {name!r}: executor='process' is not available yet; sync workers run in "
-            "the thread pool (executor='thread'), async ones on the event loop"
         )
     if options.executor is not None and options.executor not in EXECUTORS:
         raise ConfigurationError(
@@ -328,4 +325,28 @@ def register(
             f"worker {name!r}: executor='async' needs an async perform; sync code would block "
             "the event loop. Use executor='thread' or make perform async."
         )
+    if options.executor == "process":
+        _check_process_worker(name, target, is_async)
     return RegisteredWorker(name=name, options=options, is_async=is_async, target=entry_target)
+
+
+def _check_process_worker(name: str, target: Any, is_async: bool) -> None:
+    """Refuse what a worker process cannot run: async code, and anything it cannot import by
+    its path (lambdas, functions and classes defined inside a function)."""
+    if is_async:
+        raise ConfigurationError(
+            f"worker {name!r}: executor='process' runs a plain function or a Worker with a "
+            "sync perform in a worker process, and this one is async. Make it sync, or leave "
+            "executor unset (or 'async') to run it on the event loop."
+        )
+    if not (inspect.isfunction(target) or inspect.isclass(target)):
+        raise ConfigurationError(
+            f"worker {name!r}: executor='process' needs a plain function or a Worker class "
+            f"defined at module level, got a {type(target).__name__}"
+        )
+    if "<" in target.__qualname__:
+        raise ConfigurationError(
+            f"worker {name!r}: executor='process' needs a worker defined at module level: the "
+            "worker process imports it by its path, and this one is a lambda or is defined "
+            "inside a function. Define it at module level."
+        )

@@ -20,8 +20,9 @@ from typing import Any
 
 from koban.clock import Clock
 from koban.engines.base import Ack
-from koban.errors import JobTimeoutError
+from koban.errors import JobTimeoutError, WorkerProcessDied
 from koban.job import Cancel, Discard, Job, JobState, Snooze
+from koban.runtime.processes import ProcessPool, child_traceback
 from koban.telemetry import Telemetry
 from koban.worker import RegisteredWorker
 
@@ -116,11 +117,14 @@ class Executor:
         telemetry: Telemetry,
         clock: Clock,
         threads: PoolExecutor,
+        processes: ProcessPool | None = None,
     ) -> None:
         self.workers = workers
         self.telemetry = telemetry
         self.clock = clock
         self.threads = threads
+        #: Runs executor="process" workers; without one (koban.testing) they run in a thread.
+        self.processes = processes
 
     async def execute(self, job: Job) -> Ack:
         """Run one attempt. Re-raises CancelledError unless the job itself was cancelled."""
@@ -144,13 +148,16 @@ class Executor:
         except Exception as exc:
             tb = (
                 None
-                if isinstance(exc, JobTimeoutError)
-                else "".join(traceback.format_exception(exc))
+                if isinstance(exc, JobTimeoutError | WorkerProcessDied)
+                else child_traceback(exc) or "".join(traceback.format_exception(exc))
             )
             return self._fail(job, registered, exc, tb, started, queue_wait)
         return self._finish(job, started, queue_wait, result)
 
     async def _perform(self, registered: RegisteredWorker, job: Job) -> Any:
+        if registered.options.executor == "process" and self.processes is not None:
+            # The pool enforces the timeout itself, by killing the job's process.
+            return await self.processes.run(registered, job)
         perform = registered.make_perform()
         timeout = registered.options.timeout
         if timeout is None and registered.is_async:

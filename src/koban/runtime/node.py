@@ -18,6 +18,7 @@ from koban.plugins.base import Plugin
 from koban.runtime.acker import Acker
 from koban.runtime.executor import Executor, JobThreads
 from koban.runtime.leadership import RESIGNED, Leadership
+from koban.runtime.processes import ProcessPool
 from koban.runtime.producer import Producer
 from koban.telemetry import Telemetry
 from koban.worker import RegisteredWorker
@@ -77,6 +78,7 @@ class Node:
         plugins: Sequence[Plugin] = (),
         name: str | None = None,
         shutdown_grace: float = 15.0,
+        processes: int | None = None,
     ) -> None:
         self.engine = engine
         self._default_name = name is None
@@ -108,7 +110,11 @@ class Node:
         self._threads = JobThreads(
             max_workers=max(4, sum(self.queues.values()) + 4), thread_name_prefix="koban-job"
         )
-        self.executor = Executor(workers, telemetry, clock, self._threads)
+        self._workers = workers
+        # Holds no process until used: its children are spawned at start when a registered
+        # worker uses executor="process", else on the first process job (a later worker's).
+        self._processes = ProcessPool(processes or os.cpu_count() or 1)
+        self.executor = Executor(workers, telemetry, clock, self._threads, self._processes)
         self.acker = Acker(engine, clock)
         self.producers: dict[str, Producer] = {}
         self._tasks: list[asyncio.Task[Any]] = []
@@ -224,6 +230,8 @@ class Node:
             self._tasks.clear()
             self._started = False
             raise
+        if any(w.options.executor == "process" for w in self._workers.values()):
+            self._processes.start()
         for queue in self.queues:
             paused, limit = self._effective(queue)
             producer = Producer(
@@ -303,6 +311,8 @@ class Node:
         if self._default_name:
             _DEFAULT_NAMES.discard(self.name)
         self._threads.shutdown(wait=False, cancel_futures=True)
+        # Jobs still running in a process were cancelled above, which killed their processes.
+        await self._processes.close()
         self._started = False
         log.info("node %s stopped", self.name)
 
