@@ -32,6 +32,9 @@ class UnknownWorker(Exception):
 
 
 _WorkItem = tuple["Future[Any]", Callable[..., Any], tuple[Any, ...], dict[str, Any]]
+# A job's call handed to a thread by `JobThreads.run`: its asyncio future and the call.
+_LoopItem = tuple["asyncio.Future[Any]", Callable[..., Any], tuple[Any, ...]]
+_Done = tuple["asyncio.Future[Any]", bool, Any]  # the future, whether fn returned, its outcome
 
 
 class JobThreads(PoolExecutor):
@@ -41,30 +44,52 @@ class JobThreads(PoolExecutor):
     one sync job abandoned after its timeout or after shutdown's grace would hold the process
     until the job returned. These threads are daemons: a job still running at exit is cut
     off, and its row stays `executing` for rescue.
+
+    `run` is the node's path: it hands a call to a thread and gives back an asyncio future.
+    Outcomes are handed back to the event loop in batches — a thread that finishes a job
+    while an earlier hand-back is still pending adds to it instead of waking the loop again —
+    so a burst of short sync jobs costs one loop wake-up per batch, not one per job.
     """
 
     def __init__(self, max_workers: int, thread_name_prefix: str = "koban-job") -> None:
         self._max_workers = max_workers
         self._prefix = thread_name_prefix
-        self._work: queue.SimpleQueue[_WorkItem | None] = queue.SimpleQueue()
+        self._work: queue.SimpleQueue[_WorkItem | _LoopItem | None] = queue.SimpleQueue()
         self._idle = threading.Semaphore(0)
         self._lock = threading.Lock()
         self._threads: list[threading.Thread] = []
         self._shutdown = False
+        # Finished calls not yet handed back, per event loop; a loop is a key while a
+        # hand-back to it is pending.
+        self._done: dict[asyncio.AbstractEventLoop, list[_Done]] = {}
+        self._done_lock = threading.Lock()
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
+        future: Future[Any] = Future()
+        self._put((future, fn, args, kwargs))
+        return future
+
+    def run(self, fn: Callable[..., Any], *args: Any) -> asyncio.Future[Any]:
+        """Call `fn(*args)` in a thread; the result arrives on the running loop's future.
+
+        Cancelling the future before a thread takes the call skips it; cancelling it later
+        abandons the call (its thread runs on, and the outcome is dropped).
+        """
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._put((future, fn, args))
+        return future
+
+    def _put(self, item: _WorkItem | _LoopItem) -> None:
         with self._lock:
             if self._shutdown:
                 raise RuntimeError("the node's job threads are shut down")
-            future: Future[Any] = Future()
-            self._work.put((future, fn, args, kwargs))
+            self._work.put(item)
             if not self._idle.acquire(blocking=False) and len(self._threads) < self._max_workers:
                 thread = threading.Thread(
                     target=self._run, name=f"{self._prefix}_{len(self._threads)}", daemon=True
                 )
                 thread.start()
                 self._threads.append(thread)
-            return future
 
     def _run(self) -> None:
         while True:
@@ -72,14 +97,52 @@ class JobThreads(PoolExecutor):
             if item is None:
                 self._work.put(None)  # wake the next idle thread so it exits too
                 return
-            future, fn, args, kwargs = item
-            if future.set_running_or_notify_cancel():
-                try:
-                    future.set_result(fn(*args, **kwargs))
-                except BaseException as exc:
-                    future.set_exception(exc)
-            del item, future, fn, args, kwargs
+            if len(item) == 3:
+                self._call_for_loop(item)
+            else:
+                future, fn, args, kwargs = item
+                if future.set_running_or_notify_cancel():
+                    try:
+                        future.set_result(fn(*args, **kwargs))
+                    except BaseException as exc:
+                        future.set_exception(exc)
+                del future, fn, args, kwargs
+            del item
             self._idle.release()
+
+    def _call_for_loop(self, item: _LoopItem) -> None:
+        future, fn, args = item
+        if future.cancelled():  # abandoned before it started (read racily; harmless)
+            return
+        try:
+            done: _Done = (future, True, fn(*args))
+        except BaseException as exc:
+            done = (future, False, exc)
+        loop = future.get_loop()
+        with self._done_lock:
+            pending = self._done.get(loop)
+            if pending is None:
+                self._done[loop] = [done]
+            else:
+                pending.append(done)
+        if pending is None:
+            try:
+                loop.call_soon_threadsafe(self._drain, loop)
+            except RuntimeError:  # the loop is closed: nobody waits for the outcome
+                with self._done_lock:
+                    self._done.pop(loop, None)
+
+    def _drain(self, loop: asyncio.AbstractEventLoop) -> None:
+        """On `loop`: resolve every future whose call has finished since the last drain."""
+        with self._done_lock:
+            done = self._done.pop(loop, [])
+        for future, ok, value in done:
+            if future.cancelled():
+                continue
+            if ok:
+                future.set_result(value)
+            else:
+                future.set_exception(value)
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         with self._lock:
@@ -163,27 +226,34 @@ class Executor:
         if timeout is None and registered.is_async:
             # No deadline to enforce: a timeout scope per job costs ~5% of no-op throughput.
             return await perform(job)
-        if not registered.is_async and job._cancel_event is None:
-            job._cancel_event = threading.Event()
+        if not registered.is_async:
+            call = self._in_thread(perform, job)
+            if timeout is None:
+                # Cancelling the wait abandons the thread's call rather than waiting for it.
+                return await call
         try:
             async with asyncio.timeout(timeout) as deadline:
                 if registered.is_async:
                     return await perform(job)
-                ctx = contextvars.copy_context()
-                future = asyncio.get_running_loop().run_in_executor(
-                    self.threads, ctx.run, perform, job
-                )
-                # shield: a timeout or cancel abandons the thread rather than waiting for it.
-                return await asyncio.shield(future)
+                # The deadline cancels the wait: the thread's call is abandoned, not awaited.
+                return await call
         except TimeoutError:
             if deadline.expired():
-                if job._cancel_event is not None:
-                    job._cancel_event.set()  # let an abandoned thread stop at a safe point
+                if job._cancel_event is None:
+                    job._cancel_event = threading.Event()
+                job._cancel_event.set()  # let an abandoned thread stop at a safe point
                 raise JobTimeoutError(
                     f"job {job.id} of worker {job.worker!r} ran past its timeout of {timeout} s"
                     + ("" if registered.is_async else "; its thread was abandoned")
                 ) from None
             raise
+
+    def _in_thread(self, perform: Callable[[Job], Any], job: Job) -> asyncio.Future[Any]:
+        """Start a sync job in the node's threads, in a copy of the caller's context."""
+        run = contextvars.copy_context().run
+        if isinstance(self.threads, JobThreads):
+            return self.threads.run(run, perform, job)
+        return asyncio.get_running_loop().run_in_executor(self.threads, run, perform, job)
 
     def _finish(self, job: Job, started: float, queue_wait: float, result: Any) -> Ack:
         duration = time.perf_counter() - started

@@ -1,0 +1,116 @@
+"""The node's thread pool for sync jobs: outcomes handed back to the event loop in batches."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+
+from koban.runtime.executor import JobThreads
+
+
+async def test_every_call_resolves_its_own_future_with_its_result_or_error() -> None:
+    threads = JobThreads(max_workers=8)
+
+    def work(i: int) -> int:
+        if i % 7 == 0:
+            raise ValueError(f"call {i}")
+        return i * i
+
+    try:
+        futures = [threads.run(work, i) for i in range(500)]
+        outcomes = await asyncio.gather(*futures, return_exceptions=True)
+    finally:
+        threads.shutdown()
+    for i, outcome in enumerate(outcomes):
+        if i % 7 == 0:
+            assert isinstance(outcome, ValueError) and str(outcome) == f"call {i}"
+        else:
+            assert outcome == i * i
+
+
+async def test_calls_run_off_the_event_loop_thread_on_at_most_max_workers_threads() -> None:
+    threads = JobThreads(max_workers=3)
+    seen: set[int] = set()
+    lock = threading.Lock()
+
+    def work() -> None:
+        with lock:
+            seen.add(threading.get_ident())
+
+    try:
+        await asyncio.gather(*(threads.run(work) for _ in range(200)))
+    finally:
+        threads.shutdown()
+    assert threading.get_ident() not in seen
+    assert 1 <= len(seen) <= 3
+
+
+async def test_a_call_cancelled_before_a_thread_takes_it_never_runs() -> None:
+    threads = JobThreads(max_workers=1)
+    release = threading.Event()
+    ran: list[str] = []
+
+    def blocker() -> None:
+        release.wait(10)
+        ran.append("blocker")
+
+    try:
+        first = threads.run(blocker)
+        second = threads.run(ran.append, "cancelled")
+        second.cancel()
+        release.set()
+        await first
+        third = threads.run(ran.append, "after")
+        await third
+    finally:
+        threads.shutdown()
+    assert ran == ["blocker", "after"]
+
+
+async def test_a_call_abandoned_while_running_finishes_without_disturbing_the_loop() -> None:
+    threads = JobThreads(max_workers=2)
+    started = threading.Event()
+    release = threading.Event()
+    finished = threading.Event()
+
+    def slow() -> str:
+        started.set()
+        release.wait(10)
+        finished.set()
+        return "late"
+
+    try:
+        abandoned = threads.run(slow)
+        await asyncio.to_thread(started.wait, 10)
+        abandoned.cancel()
+        release.set()
+        await asyncio.to_thread(finished.wait, 10)
+        assert await threads.run(lambda: "next") == "next"
+    finally:
+        threads.shutdown()
+    assert abandoned.cancelled()
+
+
+def test_one_pool_serves_successive_event_loops() -> None:
+    threads = JobThreads(max_workers=2)
+
+    async def once(value: int) -> int:
+        return int(await threads.run(lambda: value))
+
+    try:
+        assert [asyncio.run(once(n)) for n in range(3)] == [0, 1, 2]
+    finally:
+        threads.shutdown()
+
+
+def test_no_call_is_taken_after_shutdown() -> None:
+    threads = JobThreads(max_workers=1)
+    threads.shutdown()
+
+    async def submit() -> None:
+        threads.run(lambda: None)
+
+    with pytest.raises(RuntimeError, match="shut down"):
+        asyncio.run(submit())
