@@ -42,9 +42,10 @@ def browser() -> Iterator[Any]:
         browser.close()
 
 
-def shot(page: Any, name: str) -> Path:
+def shot(page: Any, name: str, url: str) -> Path:
     ARTIFACTS.mkdir(exist_ok=True)
-    path = ARTIFACTS / f"dashboard-{name}.png"
+    engine = "-sqlite" if url.startswith("sqlite") else ""
+    path = ARTIFACTS / f"dashboard-{name}{engine}.png"
     page.screenshot(path=str(path), full_page=True)
     return path
 
@@ -55,15 +56,15 @@ def state_of(app: koban.Koban, job_id: int) -> str | None:
 
 
 def test_find_a_failed_job_retry_it_and_watch_it_complete(
-    pg_url: str, browser: Any, run_node: Callable[[koban.Koban], Any]
+    db_url: str, browser: Any, run_node: Callable[[koban.Koban], Any]
 ) -> None:
     expect = playwright.sync_api.expect
-    app = build(pg_url)
+    app = build(db_url)
     done = [enqueue(app, GREET, {"n": n}) for n in range(3)]
     failing = enqueue(app, FLAKY, {"to": "ada@example.com", "fail": True}, tags=["newsletter"])
     waiting = [enqueue(app, GREET, {"later": n}, schedule_in=3600) for n in range(2)]
 
-    node = run_node(build(pg_url))
+    node = run_node(build(db_url))
     wait_until(lambda: state_of(app, failing.id) == "discarded", what="the failing job to fail")
     wait_until(
         lambda: all(state_of(app, j.id) == "completed" for j in done), what="jobs to complete"
@@ -71,7 +72,7 @@ def test_find_a_failed_job_retry_it_and_watch_it_complete(
     node.stop()
 
     cron = [koban.Cron("0 6 * * *", GREET, args={"digest": True}, name="morning-digest")]
-    web = dashboard(build(pg_url, cron=cron), auth=TokenAuth(TOKEN), refresh=0.3)
+    web = dashboard(build(db_url, cron=cron), auth=TokenAuth(TOKEN), refresh=0.3)
     with serve(web) as base:
         page = browser.new_page(viewport={"width": 1280, "height": 900})
         page.set_default_timeout(15_000)
@@ -86,7 +87,7 @@ def test_find_a_failed_job_retry_it_and_watch_it_complete(
         expect(page.locator(".total.state-completed .n")).to_have_text("3")
         expect(page.locator("svg.chart rect.fail")).to_have_count(1)
         expect(page.locator('tr[data-queue="mailers"]')).to_be_visible()
-        shot(page, "overview")
+        shot(page, "overview", db_url)
 
         # Filter the jobs list down to the failed job.
         page.click('nav >> text="Jobs"')
@@ -96,7 +97,7 @@ def test_find_a_failed_job_retry_it_and_watch_it_complete(
         rows = page.locator("table.jobs tbody tr")
         expect(rows).to_have_count(1)
         expect(rows.first).to_have_attribute("data-job-id", str(failing.id))
-        shot(page, "jobs-failed")
+        shot(page, "jobs-failed", db_url)
 
         # Its page shows the error with the traceback and a timeline of the attempt.
         page.click(f'a[href="/jobs/{failing.id}"]')
@@ -104,7 +105,7 @@ def test_find_a_failed_job_retry_it_and_watch_it_complete(
         expect(page.locator(".error-entry .message")).to_contain_text("mail server said no")
         expect(page.locator("pre.traceback")).to_contain_text("RuntimeError")
         expect(page.locator(".timeline .ev-failed")).to_have_count(1)
-        shot(page, "job-failed")
+        shot(page, "job-failed", db_url)
 
         # Retry asks first; then, with no node running, the job waits as available.
         page.once("dialog", lambda dialog: dialog.dismiss())
@@ -117,11 +118,11 @@ def test_find_a_failed_job_retry_it_and_watch_it_complete(
 
         # A node starts; the page updates itself (same document, no reload) to completed.
         page.evaluate("window.__sameDocument = true")
-        run_node(build(pg_url))
+        run_node(build(db_url))
         expect(page.locator("[data-job-state]")).to_have_text("completed")
         assert page.evaluate("window.__sameDocument") is True
         expect(page.locator(".timeline .ev-completed")).to_have_count(1)
-        shot(page, "job-completed")
+        shot(page, "job-completed", db_url)
         assert state_of(app, failing.id) == "completed"
 
         # Bulk: select the two scheduled jobs and cancel them, after confirming.
@@ -145,9 +146,9 @@ def test_find_a_failed_job_retry_it_and_watch_it_complete(
         # The overview now shows the running node as leader; the cron page its schedule.
         page.goto(base + "/")
         expect(page.locator(".badge.leader")).to_be_visible()
-        shot(page, "overview-with-node")
+        shot(page, "overview-with-node", db_url)
         page.click('nav >> text="Cron"')
         expect(page.locator('tr[data-cron="morning-digest"]')).to_contain_text("0 6 * * *")
-        shot(page, "cron")
+        shot(page, "cron", db_url)
         page.close()
     app.engine.close_sync()
