@@ -1,20 +1,23 @@
-"""PostgreSQL-only behaviour: surviving terminated connections, LISTEN/NOTIFY and its fallback."""
+"""PostgreSQL-only behaviour: surviving terminated connections, LISTEN/NOTIFY and its fallback,
+bulk inserts by COPY."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import psycopg
 import pytest
 
 import koban
-from helpers import await_until, make_app, sql_rows, wait_for_state
+from helpers import await_until, count_jobs, make_app, sql_rows, wait_for_state
 from koban import Job, JobState
 from koban.engines.base import NotificationHandler
 from koban.engines.postgres import PostgresEngine
+from koban.engines.postgres.engine import COPY_MIN_JOBS
 from koban.engines.postgres.notifier import listen
 
 #: Nothing listens on port 1: every connection attempt is refused at once.
@@ -235,3 +238,191 @@ async def test_open_reports_a_database_that_is_down() -> None:
     with pytest.raises(koban.DatabaseUnavailableError, match="cannot connect to PostgreSQL"):
         await engine.open()
     await engine.close()
+
+
+# ----- bulk insert by COPY ---------------------------------------------------------------------
+#: A batch inserted by COPY rather than by one INSERT statement.
+BULK = COPY_MIN_JOBS + 10
+
+
+def bulk(queue: str = "default", n: int = BULK) -> list[Job]:
+    return [Job(worker="w.bulk", queue=queue, args={"i": i}) for i in range(n)]
+
+
+def test_bulk_insert_in_callers_transaction(pg_url: str) -> None:
+    app = make_app(pg_url)
+
+    def insert() -> None:
+        with psycopg.connect(pg_url) as conn:
+            app.enqueue_many(bulk("rolled"), conn=conn)
+            assert conn.execute("SELECT count(*) FROM koban_jobs").fetchone() == (BULK,)
+            assert count_jobs(pg_url) == 0  # nobody else sees them before the commit
+            conn.rollback()
+            kept = app.enqueue_many(bulk("committed"), conn=conn)
+            assert count_jobs(pg_url) == 0
+            conn.commit()
+            assert [j.id for j in app.list_jobs(queues=["committed"])][::-1] == [j.id for j in kept]
+
+    try:
+        notes = collect_insert_notifications(pg_url, insert)
+    finally:
+        app.engine.close_sync()
+    # The notification rides in the caller's transaction: none for the rolled-back batch.
+    assert notes == [{"queue": "committed"}]
+    assert count_jobs(pg_url) == BULK
+
+
+def test_bulk_insert_on_callers_autocommit_connection(pg_url: str) -> None:
+    app = make_app(pg_url)
+    try:
+        with psycopg.connect(pg_url, autocommit=True) as conn:
+            # No transaction open: the batch is one transaction of its own, committed at once.
+            app.enqueue_many(bulk(), conn=conn)
+            assert count_jobs(pg_url) == BULK
+            # Inside the caller's transaction block, it goes with the block.
+            with pytest.raises(RuntimeError), conn.transaction():
+                app.enqueue_many(bulk(), conn=conn)
+                assert count_jobs(pg_url) == BULK
+                raise RuntimeError("the caller's block fails")
+            assert conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+        assert count_jobs(pg_url) == BULK
+    finally:
+        app.engine.close_sync()
+
+
+async def test_async_bulk_insert_in_callers_transaction(pg_url: str) -> None:
+    app = make_app(pg_url)
+    try:
+        async with await psycopg.AsyncConnection.connect(pg_url) as aconn:
+            await app.aenqueue_many(bulk("rolled"), conn=aconn)
+            await aconn.rollback()
+            kept = await app.aenqueue_many(bulk("committed"), conn=aconn)
+            assert count_jobs(pg_url) == 0
+            await aconn.commit()
+        assert count_jobs(pg_url) == BULK
+        stored = await app.alist_jobs(queues=["committed"])
+        assert sorted(j.id or 0 for j in stored) == [j.id for j in kept]
+    finally:
+        await app.close()
+
+
+async def test_a_bulk_insert_wakes_a_running_node(pg_url: str) -> None:
+    app = make_app(pg_url)
+    ran: list[int] = []
+
+    @app.worker
+    async def track(job: Job) -> None:
+        ran.append(job.args["i"])
+
+    async with app:
+        await await_until(lambda: app.node is not None and app.node._listening, what="LISTEN")
+        await app.aenqueue_many(track.new({"i": i}) for i in range(BULK))
+        # Well before the 10 s safety poll of a node whose notifications work.
+        await await_until(lambda: len(ran) == BULK, timeout=5, what="the async batch to run")
+        await asyncio.to_thread(app.enqueue_many, [track.new({"i": i}) for i in range(BULK)])
+        await await_until(lambda: len(ran) == 2 * BULK, timeout=5, what="the sync batch to run")
+    assert sorted(ran) == sorted(list(range(BULK)) * 2)
+
+
+def test_bulk_insert_returns_times_in_the_sessions_zone(pg_url: str) -> None:
+    """As the row reads back: in the session's TimeZone, a delay added as elapsed time even
+    across a daylight-saving change."""
+    zoned = pg_url + ("&" if "?" in pg_url else "?") + "options=-c%20TimeZone%3DAmerica/New_York"
+    app = make_app(zoned, clock=koban.FrozenClock(datetime(2030, 3, 9, 12, 0, tzinfo=UTC)))
+    try:
+        jobs = app.enqueue_many(
+            Job(worker="w.tz", schedule_in=86_400 * (i % 3) + 0.25, args={"i": i})
+            for i in range(BULK)
+        )
+        for job in jobs:
+            stored = app.get_job(job.id or 0)
+            assert stored is not None and stored == job
+            for returned, read in [
+                (job.inserted_at, stored.inserted_at),
+                (job.scheduled_at, stored.scheduled_at),
+            ]:
+                assert returned == read and returned is not None and read is not None
+                assert returned.utcoffset() == read.utcoffset()
+        assert {j.scheduled_at.utcoffset() for j in jobs if j.scheduled_at} == {
+            timedelta(hours=-5),
+            timedelta(hours=-4),
+        }
+    finally:
+        app.engine.close_sync()
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+async def test_a_refused_bulk_insert_inserts_nothing_and_names_the_job(
+    pg_url: str, mode: str
+) -> None:
+    # A row already holds the id the sequence hands out fifth: the COPY's fifth row collides.
+    sql_rows(pg_url, "INSERT INTO koban_jobs (id, worker) VALUES (5, 'w.squatter')")
+    app = make_app(pg_url)
+    jobs = [Job(worker=f"w.job{i}", args={"i": i}) for i in range(BULK)]
+    try:
+        with pytest.raises(psycopg.errors.UniqueViolation) as raised:
+            if mode == "sync":
+                app.enqueue_many(jobs)
+            else:
+                await app.aenqueue_many(jobs)
+    finally:
+        await app.close()
+    note = " ".join(getattr(raised.value, "__notes__", []))
+    assert f"none of the {BULK} jobs" in note
+    assert "refused job 5 (worker 'w.job4', queue 'default')" in note
+    assert sql_rows(pg_url, "SELECT worker FROM koban_jobs") == [("w.squatter",)]
+
+
+def lock_waiters(url: str) -> list[int]:
+    """Sessions on the test database waiting for a lock."""
+    rows = sql_rows(
+        url,
+        "SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
+        "AND wait_event_type = 'Lock' AND pid <> pg_backend_pid()",
+    )
+    return [r[0] for r in rows]
+
+
+@pytest.mark.parametrize("size", [1, BULK], ids=["statement", "copy"])
+@pytest.mark.parametrize("mode", ["sync", "async"])
+async def test_an_insert_whose_connection_is_killed_raises_database_unavailable(
+    pg_url: str, size: int, mode: str
+) -> None:
+    app = make_app(pg_url)
+    jobs = [Job(worker="w.killed", args={"i": i}) for i in range(size)]
+    try:
+        with psycopg.connect(pg_url) as locker:
+            # Hold the insert mid-statement: it waits for this lock until its backend is killed.
+            locker.execute("LOCK TABLE koban_jobs IN SHARE MODE")
+            if mode == "sync":
+                insert: Any = asyncio.create_task(asyncio.to_thread(app.enqueue_many, jobs))
+            else:
+                insert = asyncio.create_task(app.aenqueue_many(jobs))
+            waiting = await await_until(lambda: lock_waiters(pg_url), what="the insert to wait")
+            sql_rows(pg_url, "SELECT pg_terminate_backend(%s)", [waiting[0]])
+            with pytest.raises(koban.DatabaseUnavailableError) as raised:
+                await insert
+            locker.rollback()
+        message = str(raised.value)
+        assert "may or may not have committed" in message
+        assert "w.killed" in message and "enqueue" in message
+        assert isinstance(raised.value.__cause__, psycopg.OperationalError)
+        assert count_jobs(pg_url) == 0
+        # The pool replaced the dead connection: the next insert goes through.
+        again = app.enqueue_many(jobs) if mode == "sync" else await app.aenqueue_many(jobs)
+        assert len(again) == size and count_jobs(pg_url) == size
+    finally:
+        await app.close()
+
+
+def test_bulk_insert_in_callers_pipeline_uses_one_statement(pg_url: str) -> None:
+    """A connection in pipeline mode cannot COPY: a batch on it is one INSERT, as before."""
+    app = make_app(pg_url)
+    try:
+        with psycopg.connect(pg_url) as conn:
+            with conn.pipeline():
+                app.enqueue_many(bulk(), conn=conn)
+            conn.commit()
+        assert count_jobs(pg_url) == BULK
+    finally:
+        app.engine.close_sync()

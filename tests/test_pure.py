@@ -108,6 +108,18 @@ def test_json_objects_round_trip_through_validation(
 
 
 @PROPERTY_JSON
+@given(JSON_OBJECT, JSON_OBJECT)
+def test_validation_keeps_the_json_it_checked_for_the_insert(
+    args: dict[str, Any], meta: dict[str, Any]
+) -> None:
+    checked = job(args=args, meta=meta)
+    texts = validate(checked)
+    assert checked.encoded == texts
+    compact = {"separators": (",", ":"), "ensure_ascii": False}
+    assert texts == (json.dumps(args, **compact), json.dumps(meta, **compact))
+
+
+@PROPERTY_JSON
 @given(JSON_OBJECT, NOT_JSON, st.lists(TEXT, min_size=1, max_size=3))
 def test_a_value_json_cannot_hold_is_refused_wherever_it_is(
     args: dict[str, Any], bad: Any, path: list[str]

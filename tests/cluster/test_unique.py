@@ -15,6 +15,7 @@ import koban
 from helpers import AppFactory, count_jobs, subprocess_env, wait_until
 from koban import Job, JobFilter, JobState, Unique
 from koban.engines.base import Ack
+from koban.engines.postgres.engine import COPY_MIN_JOBS
 from koban.errors import ConfigurationError, JobValidationError
 from koban.unique import ALL_STATES, INCOMPLETE_STATES
 
@@ -154,6 +155,23 @@ async def test_enqueue_many_respects_unique(apps: AppFactory) -> None:
     assert len(await app.alist_jobs()) == 3
     sync = app.enqueue_many([sync_athlete.new({"athlete_id": 3})])  # type: ignore[attr-defined]
     assert sync[0].conflict and sync[0].id == jobs[3].id
+
+
+async def test_a_large_batch_with_some_unique_jobs_still_dedupes(apps: AppFactory) -> None:
+    """A batch big enough for PostgreSQL's COPY takes the INSERT path once a job is unique."""
+    app, sync_athlete, plain = app_with_workers(apps)
+    existing = await sync_athlete.aenqueue({"athlete_id": 1})  # type: ignore[attr-defined]
+    batch = [plain.new({"i": i}) for i in range(COPY_MIN_JOBS * 2)]  # type: ignore[attr-defined]
+    batch[10:10] = [sync_athlete.new({"athlete_id": 1})]  # type: ignore[attr-defined]
+    batch[50:50] = [sync_athlete.new({"athlete_id": 2})] * 2  # type: ignore[attr-defined]
+
+    jobs = await app.aenqueue_many(batch)
+
+    assert [i for i, j in enumerate(jobs) if j.conflict] == [10, 51]
+    assert jobs[10].id == existing.id and jobs[51].id == jobs[50].id
+    inserted = [j.id or 0 for j in jobs if not j.conflict]
+    assert inserted == sorted(inserted) and len(set(inserted)) == len(batch) - 2
+    assert len(await app.alist_jobs()) == len(batch) - 1
 
 
 INSERTER = textwrap.dedent(

@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sqlite3
-from datetime import timedelta
+from datetime import datetime, timedelta
+from typing import Any
 
 import psycopg
+import pytest
 
 import koban
 from helpers import T0, AppFactory, count_jobs, is_postgres, sqlite_path
 from koban import Job, JobState
+from koban.engines.postgres.engine import COPY_MIN_JOBS
+
+#: A batch PostgreSQL inserts by COPY (and builds the returned jobs from what it sent).
+BULK = COPY_MIN_JOBS * 2 + 3
 
 
 def close_to(a: object, b: object, tolerance: float = 0.001) -> bool:
@@ -156,6 +163,130 @@ async def test_enqueue_many_inserts_thousands_in_input_order(app: koban.Koban) -
     assert [j.priority for j in jobs[:3]] == [2, 0, 0]
     assert jobs[0].worker == Other.name and jobs[1].worker == sync_athlete.name
     assert count_jobs(app.engine.url) == n
+
+
+def varied_jobs(worker: Any, n: int, *, schedules: bool = True) -> list[Job]:
+    """`n` new jobs cycling through every option and the values an insert must keep intact
+    (without `schedule_in` and `scheduled_at` if not `schedules`)."""
+    shapes: list[dict[str, Any]] = [
+        {"args": {"i": 0}},
+        {"args": {"b": 1, "a": [1, 2.5, None, True]}, "schedule_in": 60},
+        {
+            # jsonb keeps numbers as decimals: 1e16 comes back as an int, and so must the
+            # returned job's; a tuple comes back as a list.
+            "args": {"f": 1e16, "big": 1.5e300, "tiny": 1e-7, "z": -0.0, "n": 2**70, "t": (1, "x")},
+            "schedule_in": -5,
+        },
+        {
+            "args": {"s": 'héllo ✓ \\ \n\t "q" \\u0000 \\N', "": "empty key"},
+            "scheduled_at": T0 + timedelta(days=400, microseconds=7),
+        },
+        {"args": {}, "scheduled_at": T0 - timedelta(hours=1), "priority": 9, "max_attempts": 1},
+        {
+            "args": {"nested": {"deep": [{"x": {}}]}},
+            "queue": "mailers",
+            "tags": ["a", "b c", 'q"uote', "back\\slash", "tab\there", "NULL", "", "{}", "é,"],
+            "meta": {"k": [1, 2.5], "n": {"x": None}, "line\nbreak": "\\"},
+        },
+        {"args": {"i": 6}, "queue": "odd\tqueue\\name\n", "schedule_in": 0.0000005, "priority": 3},
+        {"args": {"i": 7}, "schedule_in": 1.0000015, "max_attempts": 2**31 - 1},
+    ]
+    if not schedules:
+        shapes = [
+            {k: v for k, v in shape.items() if k not in ("schedule_in", "scheduled_at")}
+            for shape in shapes
+        ]
+    return [worker.new(**shapes[i % len(shapes)]) for i in range(n)]
+
+
+def exactly(value: Any) -> Any:
+    """`value` with the types of everything in it, so 1 != 1.0, (1,) != [1], and times keep
+    their UTC offset; key order is not compared (jsonb sorts keys)."""
+    if isinstance(value, Job):
+        return {
+            f.name: exactly(getattr(value, f.name)) for f in dataclasses.fields(Job) if f.compare
+        }
+    if isinstance(value, dict):
+        return ("dict", sorted((k, exactly(v)) for k, v in value.items()))
+    if isinstance(value, list | tuple):
+        return (type(value).__name__, [exactly(v) for v in value])
+    if isinstance(value, datetime):
+        return ("datetime", value, value.utcoffset())
+    return (type(value).__name__, value)
+
+
+@pytest.mark.parametrize("size", [1, COPY_MIN_JOBS - 1, BULK])
+@pytest.mark.parametrize("frozen", [True, False], ids=["frozen-clock", "database-clock"])
+async def test_enqueue_many_returns_every_field_as_stored(
+    apps: AppFactory, clock: koban.FrozenClock, size: int, frozen: bool
+) -> None:
+    app = apps(clock=clock) if frozen else apps()
+
+    @app.worker
+    async def sync_athlete(job: Job) -> None: ...
+
+    jobs = await app.aenqueue_many(varied_jobs(sync_athlete, size))
+
+    assert len(jobs) == size
+    assert {j.state for j in jobs} == (
+        {JobState.AVAILABLE} if size == 1 else {JobState.AVAILABLE, JobState.SCHEDULED}
+    )
+    for job in jobs:
+        stored = await app.aget_job(job.id or 0)
+        assert stored is not None
+        assert exactly(job) == exactly(stored)
+
+
+async def test_a_batch_due_now_returns_every_field_as_stored(app: koban.Koban) -> None:
+    """On PostgreSQL, jobs due at once on the database's clock take the times' defaults."""
+
+    @app.worker
+    async def sync_athlete(job: Job) -> None: ...
+
+    jobs = await app.aenqueue_many(varied_jobs(sync_athlete, BULK, schedules=False))
+
+    assert {j.state for j in jobs} == {JobState.AVAILABLE}
+    assert len({j.inserted_at for j in jobs} | {j.scheduled_at for j in jobs}) == 1
+    for job in jobs:
+        stored = await app.aget_job(job.id or 0)
+        assert stored is not None
+        assert exactly(job) == exactly(stored)
+
+
+def test_sync_enqueue_many_returns_every_field_as_stored(
+    apps: AppFactory, clock: koban.FrozenClock
+) -> None:
+    app = apps(clock=clock)
+
+    @app.worker
+    def sync_athlete(job: Job) -> None: ...
+
+    jobs = app.enqueue_many(varied_jobs(sync_athlete, BULK))
+
+    for job in jobs:
+        stored = app.get_job(job.id or 0)
+        assert stored is not None
+        assert exactly(job) == exactly(stored)
+
+
+async def test_a_batch_stores_what_single_enqueues_store(
+    apps: AppFactory, clock: koban.FrozenClock
+) -> None:
+    """On PostgreSQL a batch goes by COPY and a single job by INSERT: the rows must agree."""
+    app = apps(clock=clock)
+
+    @app.worker
+    async def sync_athlete(job: Job) -> None: ...
+
+    batch = await app.aenqueue_many(varied_jobs(sync_athlete, BULK))
+    singles = [await app.aenqueue(job) for job in varied_jobs(sync_athlete, BULK)]
+
+    for one, other in zip(batch, singles, strict=True):
+        stored = [await app.aget_job(job.id or 0) for job in (one, other)]
+        assert stored[0] is not None and stored[1] is not None
+        assert exactly(dataclasses.replace(stored[0], id=None)) == exactly(
+            dataclasses.replace(stored[1], id=None)
+        )
 
 
 def test_sync_enqueue_many_and_empty_batch(app: koban.Koban) -> None:

@@ -1,7 +1,10 @@
 """PostgreSQL engine: the contract in `koban.engines.base`, on psycopg 3 and psycopg_pool.
 
 Every operation is written once as a generator of statements (`_op_*`), run either on a sync
-connection (client calls from sync code) or an async one (nodes and async client calls).
+connection (client calls from sync code) or an async one (nodes and async client calls). An op
+yields `(sql, params)` and receives the rows; it may also yield `TRANSACTION` (what follows
+commits or fails as one) and `Copy` (rows sent by `COPY ... FROM STDIN`). A statement that
+fails raises inside the op, at its `yield`, so an op can say what the failure means.
 """
 
 from __future__ import annotations
@@ -10,9 +13,20 @@ import contextlib
 import dataclasses
 import json
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Mapping, Sequence
-from datetime import datetime
-from typing import Any
+import re
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Generator,
+    Iterable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from typing import Any, Final
 
 import psycopg
 import psycopg.types.json
@@ -43,7 +57,7 @@ from koban.errors import (
     SchemaNotMigratedError,
     SchemaTooNewError,
 )
-from koban.job import FINISHED_STATES, Job, JobState
+from koban.job import FINISHED_STATES, Job, JobState, encode_json
 
 log = logging.getLogger("koban.engine")
 pool_logging.install()
@@ -54,9 +68,28 @@ LATEST_VERSION = MIGRATIONS[-1][0]
 CHANNEL_PREFIX = "koban_"
 _MIGRATE_LOCK = 7_405_361_029  # pg_advisory_xact_lock key serialising concurrent migrators
 
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Copy:
+    """`COPY ... FROM STDIN` and the rows to send, yielded by an op like a statement."""
+
+    sql: str
+    data: Iterable[str]  # chunks in the statement's format (koban sends text)
+
+
+class _Transaction:
+    def __repr__(self) -> str:
+        return "TRANSACTION"
+
+
+#: Yielded by an op before statements that must commit or fail together. They run in one
+#: transaction of their own on a connection in autocommit mode with none open (the pool's);
+#: otherwise in the transaction that is open, or that psycopg opens for the caller to commit.
+TRANSACTION: Final = _Transaction()
+
 # A statement to run: (SQL, params). An op yields statements and receives their rows.
 Statement = tuple[str | sql.SQL | sql.Composed, dict[str, Any]]
-Op = Generator[Statement, list[dict[str, Any]], Any]
+Op = Generator[Statement | Copy | _Transaction, list[dict[str, Any]], Any]
 
 _JOB_COLUMNS = {
     "id", "state", "queue", "worker", "args", "meta", "tags", "errors", "priority", "attempt",
@@ -120,9 +153,24 @@ def _jobs_json(jobs: Sequence[Job]) -> str:
     )
 
 
+#: Batches of at least this many jobs, none of them unique, are inserted by COPY.
+COPY_MIN_JOBS = 50
+#: Rows per chunk a COPY sends.
+COPY_CHUNK_ROWS = 500
+
+
 def _op_insert(
-    jobs: Sequence[Job], now: datetime | None, notify: Sequence[str] | None = None
+    jobs: Sequence[Job],
+    now: datetime | None,
+    notify: Sequence[str] | None = None,
+    *,
+    copy: bool = True,
 ) -> Op:
+    """Insert `jobs` and return them as stored, in input order; wake the queues in `notify`
+    (None: all) that gained available jobs, with one notification each. `copy=False` keeps
+    to one INSERT statement (a connection in pipeline mode cannot COPY)."""
+    if copy and len(jobs) >= COPY_MIN_JOBS and all(job.unique_key is None for job in jobs):
+        return (yield from _op_copy_jobs(jobs, now, notify))
     rows = yield (
         QUERIES["insert_jobs"],
         {"jobs": _jobs_json(jobs), "now": now, "notify": None if notify is None else list(notify)},
@@ -166,6 +214,187 @@ def _op_insert(
                 dup.conflict = True
                 out[i] = dup
     return out
+
+
+def _op_copy_jobs(jobs: Sequence[Job], now: datetime | None, notify: Sequence[str] | None) -> Op:
+    """Insert jobs no unique key can turn away by COPY, and build what is returned from what
+    was sent: nothing is read back.
+
+    In one transaction: reserve an id per job (in input order) with the insert time, COPY the
+    rows, wake their queues as `insert_jobs` does.
+    """
+    yield TRANSACTION
+    rows = yield QUERIES["reserve_job_ids"], {"n": len(jobs), "now": now}
+    t: datetime = rows[0]["t"]
+    # One session's nextval calls only grow; sorting guarantees ids follow the input order.
+    ids = sorted(rows[0]["ids"])
+    t_utc = t.astimezone(UTC)
+    # Jobs inserted and due at the transaction's now() can leave both times to the columns'
+    # default, which is that same now(): PostgreSQL then parses no times (a tenth of its work).
+    due_now = now is None and not any(job.scheduled_at or job.schedule_in for job in jobs)
+    stored: list[Job] = []
+
+    def chunks() -> Iterator[str]:
+        # Made while COPY sends them, so PostgreSQL parses one chunk while Python makes the
+        # next one and its jobs.
+        text = _CopyText(times=not due_now)
+        lines: list[str] = []
+        for job, job_id in zip(jobs, ids, strict=True):
+            args, meta = job.encoded or _encode(job)
+            run_at = _run_at(job, t_utc)
+            state = JobState.SCHEDULED if run_at > t_utc else JobState.AVAILABLE
+            lines.append(text.line(job_id, state, job, args, meta, t_utc, run_at))
+            stored.append(
+                Job(
+                    id=job_id,
+                    state=state,
+                    queue=job.queue,
+                    worker=job.worker,
+                    args=_as_stored(job.args, args),
+                    meta=_as_stored(job.meta, meta),
+                    tags=list(job.tags),
+                    priority=job.priority,
+                    max_attempts=job.max_attempts,
+                    inserted_at=t,
+                    # In the zone the database gave `t` in, as reading the row back would.
+                    scheduled_at=t if run_at is t_utc else run_at.astimezone(t.tzinfo),
+                )
+            )
+            if len(lines) == COPY_CHUNK_ROWS:
+                yield "".join(lines)
+                lines.clear()
+        if lines:
+            yield "".join(lines)
+
+    try:
+        yield Copy(QUERIES["copy_jobs_due_now" if due_now else "copy_jobs"], chunks())
+    except psycopg.Error as exc:
+        if not isinstance(exc, psycopg.OperationalError):
+            exc.add_note(_refused(exc, jobs))
+        raise
+    wake = {
+        job.queue
+        for job in stored
+        if job.state is JobState.AVAILABLE and (notify is None or job.queue in notify)
+    }
+    if wake:
+        yield QUERIES["notify_inserts"], {"queues": sorted(wake)}
+    return stored
+
+
+def _encode(job: Job) -> tuple[str, str]:
+    """Args and meta as JSON, for a job that did not come through `validate`."""
+    return (
+        encode_json(job.args, what="args", worker=job.worker),
+        encode_json(job.meta, what="meta", worker=job.worker),
+    )
+
+
+def _run_at(job: Job, t_utc: datetime) -> datetime:
+    """When `job` is due (in UTC), as `insert_jobs` computes it; `t_utc` itself if at once."""
+    if job.scheduled_at is not None:
+        return job.scheduled_at.astimezone(UTC)
+    if not job.schedule_in:
+        return t_utc
+    # make_interval(secs => x) is rint(x * 1e6) microseconds.
+    return t_utc + timedelta(microseconds=round(job.schedule_in * 1_000_000))
+
+
+class _CopyText:
+    """Rows of `copy_jobs` in COPY's text format.
+
+    Written out here rather than by psycopg's `write_row`, whose adapters for the enum, list
+    and datetime columns cost several times more per row. Workers, queues, tags and times
+    repeat across a batch, so each is escaped once.
+    """
+
+    _ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
+
+    def __init__(self, *, times: bool) -> None:
+        self.times = times  # False: the statement leaves inserted_at and scheduled_at out
+        self._texts: dict[str, str] = {}
+        self._tags: dict[tuple[str, ...], str] = {}
+        self._times: dict[datetime, str] = {}
+
+    def line(
+        self,
+        job_id: int,
+        state: JobState,
+        job: Job,
+        args: str,
+        meta: str,
+        inserted_at: datetime,
+        scheduled_at: datetime,
+    ) -> str:
+        line = (
+            f"{job_id}\t{state}\t{self._text(job.queue)}\t{self._text(job.worker)}\t"
+            f"{self._json(args)}\t{self._json(meta)}\t{self._array(job.tags)}\t"
+            f"{job.priority}\t{job.max_attempts}"
+        )
+        if self.times:
+            return f"{line}\t{self._time(inserted_at)}\t{self._time(scheduled_at)}\n"
+        return line + "\n"
+
+    def _text(self, value: str) -> str:
+        escaped = self._texts.get(value)
+        if escaped is None:
+            escaped = self._texts[value] = value.translate(self._ESCAPES)
+        return escaped
+
+    @staticmethod
+    def _json(text: str) -> str:
+        # JSON escapes tabs and line breaks itself: only its backslashes need escaping again.
+        return text.replace("\\", "\\\\") if "\\" in text else text
+
+    def _array(self, tags: Sequence[str]) -> str:
+        if not tags:
+            return "{}"
+        key = tuple(tags)
+        literal = self._tags.get(key)
+        if literal is None:
+            quoted = ('"' + tag.replace("\\", "\\\\").replace('"', '\\"') + '"' for tag in tags)
+            literal = self._tags[key] = ("{" + ",".join(quoted) + "}").translate(self._ESCAPES)
+        return literal
+
+    def _time(self, at: datetime) -> str:
+        text = self._times.get(at)
+        if text is None:
+            text = self._times[at] = at.isoformat()
+        return text
+
+
+def _jsonb_number(text: str) -> float | int:
+    """A JSON number with a fraction or exponent as jsonb gives it back: numeric prints no
+    exponent, so `1e+16` comes back as the integer 10000000000000000."""
+    exponent = Decimal(text).as_tuple().exponent
+    return int(Decimal(text)) if isinstance(exponent, int) and exponent >= 0 else float(text)
+
+
+_STORED_JSON = json.JSONDecoder(parse_float=_jsonb_number)
+_KEPT_AS_IS = frozenset({str, int, bool, type(None)})
+
+
+def _as_stored(value: dict[str, Any], text: str) -> dict[str, Any]:
+    """A copy of args or meta as reading the row back would give them: `text` (their JSON)
+    as jsonb stores it, decoded; just a copy of `value` when it holds nothing JSON changes."""
+    for item in value.values():
+        if type(item) not in _KEPT_AS_IS:
+            return _STORED_JSON.decode(text)
+    return dict(value)
+
+
+_COPY_LINE = re.compile(r"\bCOPY koban_jobs, line (\d+)")
+
+
+def _refused(exc: psycopg.Error, jobs: Sequence[Job]) -> str:
+    """What a failed COPY means for the caller: which job, and that none was inserted."""
+    found = _COPY_LINE.search(exc.diag.context or "")
+    line = int(found.group(1)) if found else 0
+    which = ""
+    if 1 <= line <= len(jobs):
+        job = jobs[line - 1]
+        which = f"; PostgreSQL refused job {line} (worker {job.worker!r}, queue {job.queue!r})"
+    return f"koban: none of the {len(jobs)} jobs in this enqueue_many was inserted{which}"
 
 
 def _replace_params(job_id: int, job: Job, now: datetime | None) -> dict[str, Any]:
@@ -293,28 +522,73 @@ def _op_estimate(flt: JobFilter) -> Op:
     return max(estimate, n), False
 
 
+def _opens_transaction(conn: psycopg.Connection[Any] | psycopg.AsyncConnection[Any]) -> bool:
+    """True if `TRANSACTION` must begin one: autocommit would commit each statement alone."""
+    return conn.autocommit and conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+
+
 def _run_sync(op: Op, conn: psycopg.Connection[Any]) -> Any:
-    try:
-        statement = next(op)
-        while True:
-            with conn.cursor(row_factory=dict_row) as cur:
-                cur.execute(statement[0], statement[1])
-                rows = cur.fetchall() if cur.description else []
-            statement = op.send(rows)
-    except StopIteration as done:
-        return done.value
+    with contextlib.ExitStack() as transaction:
+        try:
+            statement = next(op)
+            while True:
+                rows: list[dict[str, Any]] = []
+                try:
+                    if isinstance(statement, _Transaction):
+                        if _opens_transaction(conn):
+                            transaction.enter_context(conn.transaction())
+                    elif isinstance(statement, Copy):
+                        with conn.cursor() as cur, cur.copy(statement.sql) as copy:
+                            for chunk in statement.data:
+                                copy.write(chunk)
+                    else:
+                        with conn.cursor(row_factory=dict_row) as cur:
+                            cur.execute(statement[0], statement[1])
+                            rows = cur.fetchall() if cur.description else []
+                except psycopg.Error as exc:
+                    statement = op.throw(exc)
+                    continue
+                statement = op.send(rows)
+        except StopIteration as done:
+            return done.value
 
 
 async def _run_async(op: Op, conn: psycopg.AsyncConnection[Any]) -> Any:
-    try:
-        statement = next(op)
-        while True:
-            async with conn.cursor(row_factory=dict_row) as cur:
-                await cur.execute(statement[0], statement[1])
-                rows = await cur.fetchall() if cur.description else []
-            statement = op.send(rows)
-    except StopIteration as done:
-        return done.value
+    async with contextlib.AsyncExitStack() as transaction:
+        try:
+            statement = next(op)
+            while True:
+                rows: list[dict[str, Any]] = []
+                try:
+                    if isinstance(statement, _Transaction):
+                        if _opens_transaction(conn):
+                            await transaction.enter_async_context(conn.transaction())
+                    elif isinstance(statement, Copy):
+                        async with conn.cursor() as cur, cur.copy(statement.sql) as copy:
+                            for chunk in statement.data:
+                                await copy.write(chunk)
+                    else:
+                        async with conn.cursor(row_factory=dict_row) as cur:
+                            await cur.execute(statement[0], statement[1])
+                            rows = await cur.fetchall() if cur.description else []
+                except psycopg.Error as exc:
+                    statement = op.throw(exc)
+                    continue
+                statement = op.send(rows)
+        except StopIteration as done:
+            return done.value
+
+
+def _can_copy(conn: psycopg.Connection[Any] | psycopg.AsyncConnection[Any]) -> bool:
+    """False on a connection in pipeline mode, where COPY is refused."""
+    return conn.info.pipeline_status == psycopg.pq.PipelineStatus.OFF
+
+
+def _connection_lost(exc: psycopg.Error) -> bool:
+    """True if `exc` says the connection is gone (terminated, server restart, network), rather
+    than that a statement failed."""
+    state = exc.sqlstate
+    return state is None or state.startswith("08") or state in ("57P01", "57P02", "57P03")
 
 
 class PostgresEngine(Engine):
@@ -524,10 +798,15 @@ class PostgresEngine(Engine):
             return []
         if conn is not None:
             # The caller commits: the notification must ride in its transaction, unthrottled.
-            return self._exec(_op_insert(jobs, now), conn)
+            return self._exec(_op_insert(jobs, now, copy=_can_copy(conn)), conn)
         queues = {job.queue for job in jobs}
         wake = self._throttle.claim(queues)
-        inserted = self._exec(_op_insert(jobs, now, wake))
+        try:
+            inserted = self._exec(_op_insert(jobs, now, wake))
+        except psycopg.OperationalError as exc:
+            if _connection_lost(exc):
+                raise self._insert_interrupted(jobs, exc) from exc
+            raise
         self._throttle.hold(queues - set(wake))
         return inserted
 
@@ -537,12 +816,31 @@ class PostgresEngine(Engine):
         if not jobs:
             return []
         if conn is not None:
-            return await self._aexec(_op_insert(jobs, now), conn)
+            return await self._aexec(_op_insert(jobs, now, copy=_can_copy(conn)), conn)
         queues = {job.queue for job in jobs}
         wake = self._throttle.claim(queues)
-        inserted = await self._aexec(_op_insert(jobs, now, wake))
+        try:
+            inserted = await self._aexec(_op_insert(jobs, now, wake))
+        except psycopg.OperationalError as exc:
+            if _connection_lost(exc):
+                raise self._insert_interrupted(jobs, exc) from exc
+            raise
         self._throttle.hold(queues - set(wake))
         return inserted
+
+    def _insert_interrupted(
+        self, jobs: Sequence[Job], exc: psycopg.Error
+    ) -> DatabaseUnavailableError:
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        workers = sorted({job.worker for job in jobs})
+        named = ", ".join(repr(w) for w in workers[:3]) + (", ..." if len(workers) > 3 else "")
+        what = f"1 job (worker {named})" if len(jobs) == 1 else f"{len(jobs)} jobs ({named})"
+        return DatabaseUnavailableError(
+            f"enqueue of {what} lost its connection to PostgreSQL at {redact(self.url)}: "
+            f"{detail}. The insert may or may not have committed: check with get_job or "
+            "list_jobs before enqueueing again, or enqueue in your own transaction (conn=) or "
+            "as unique jobs so a retry cannot insert twice (see docs/guarantees.md)."
+        )
 
     def get_job_sync(self, job_id: int) -> Job | None:
         return self._exec(_op_get(job_id))

@@ -36,6 +36,22 @@ WITH input AS (
 )
 SELECT inserted.* FROM inserted, woken ORDER BY id;
 
+-- name: reserve_job_ids
+-- Take %(n)s ids from the jobs' id sequence for a COPY, with the insert time. The sequence is
+-- looked up once (per row it would cost more than the nextval itself).
+WITH seq AS MATERIALIZED (SELECT pg_get_serial_sequence('koban_jobs', 'id')::regclass AS id)
+SELECT coalesce(%(now)s::timestamptz, now()) AS t,
+       array(SELECT nextval(seq.id) FROM seq, generate_series(1, %(n)s)) AS ids;
+
+-- name: copy_jobs
+-- Insert jobs given row by row, every value decided by the sender (see _op_copy_jobs).
+COPY koban_jobs (id, state, queue, worker, args, meta, tags, priority, max_attempts,
+                 inserted_at, scheduled_at) FROM STDIN;
+
+-- name: copy_jobs_due_now
+-- copy_jobs for jobs inserted and due at the transaction's now(): the times' default.
+COPY koban_jobs (id, state, queue, worker, args, meta, tags, priority, max_attempts) FROM STDIN;
+
 -- name: jobs_by_unique_key
 -- The jobs currently holding the given unique keys.
 SELECT * FROM koban_jobs
