@@ -15,7 +15,7 @@ import pytest
 import koban
 from helpers import await_until, count_jobs, make_app, sql_rows, wait_for_state
 from koban import Job, JobState
-from koban.engines.base import NotificationHandler
+from koban.engines.base import JobFilter, NotificationHandler
 from koban.engines.postgres import PostgresEngine
 from koban.engines.postgres.engine import COPY_MIN_JOBS
 from koban.engines.postgres.notifier import listen
@@ -424,5 +424,34 @@ def test_bulk_insert_in_callers_pipeline_uses_one_statement(pg_url: str) -> None
                 app.enqueue_many(bulk(), conn=conn)
             conn.commit()
         assert count_jobs(pg_url) == BULK
+    finally:
+        app.engine.close_sync()
+
+
+def test_only_tagged_jobs_are_in_the_tags_index_and_a_tag_filter_uses_it(pg_url: str) -> None:
+    app = make_app(pg_url)
+    try:
+        untagged = app.enqueue_many([Job(worker="w.a", args={"n": n}) for n in range(300)])
+        tagged = app.enqueue_many([Job(worker="w.a", tags=["nightly", f"t{n}"]) for n in range(3)])
+        with psycopg.connect(pg_url, autocommit=True) as conn:
+            conn.execute("ANALYZE koban_jobs")
+            [(predicate,)] = conn.execute(
+                "SELECT pg_get_expr(indpred, indrelid) FROM pg_index "
+                "WHERE indexrelid = 'koban_jobs_tags_idx'::regclass"
+            ).fetchall()
+            assert predicate == "(tags <> '{}'::text[])"
+            with conn.transaction():
+                conn.execute("SET LOCAL enable_seqscan = off")
+                plan = "\n".join(
+                    row[0]
+                    for row in conn.execute(
+                        "EXPLAIN SELECT id FROM koban_jobs WHERE tags @> ARRAY['nightly'] "
+                        "AND tags <> '{}'"
+                    )
+                )
+        assert "koban_jobs_tags_idx" in plan
+        found = app.list_jobs(JobFilter(tags=["nightly"]))
+        assert sorted(j.id or 0 for j in found) == sorted(j.id or 0 for j in tagged)
+        assert len(untagged) == 300
     finally:
         app.engine.close_sync()

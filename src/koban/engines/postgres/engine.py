@@ -431,7 +431,8 @@ def _where(flt: JobFilter) -> tuple[sql.Composable, dict[str, Any]]:
         parts.append(sql.SQL("worker = ANY(%(workers)s::text[])"))
         params["workers"] = list(flt.workers)
     if flt.tags:
-        parts.append(sql.SQL("tags @> %(tags)s::text[]"))
+        # `tags <> '{}'`: the predicate of the tags index, which holds only tagged jobs.
+        parts.append(sql.SQL("tags @> %(tags)s::text[] AND tags <> '{}'"))
         params["tags"] = list(flt.tags)
     if flt.args_text:
         parts.append(sql.SQL("strpos(args::text, %(args_text)s) > 0"))
