@@ -455,3 +455,34 @@ def test_only_tagged_jobs_are_in_the_tags_index_and_a_tag_filter_uses_it(pg_url:
         assert len(untagged) == 300
     finally:
         app.engine.close_sync()
+
+
+async def test_a_claimed_job_holds_every_field_as_stored(pg_url: str) -> None:
+    app = make_app(pg_url)
+    try:
+        await app.open()
+        [job] = await app.aenqueue_many(
+            [
+                Job(
+                    worker="w.full",
+                    args={"n": 1, "nested": {"x": [1, 2]}},
+                    queue="default",
+                    priority=3,
+                    max_attempts=4,
+                    meta={"source": "test"},
+                    tags=["a", "b"],
+                    unique=koban.Unique(period=60),
+                )
+            ]
+        )
+        [claimed] = await app.engine.fetch("default", 5, "node-x", "default.p1")
+        stored = await app.aget_job(job.id or 0)
+        assert stored is not None
+        assert claimed == stored
+        assert claimed.state is JobState.EXECUTING and claimed.attempted_by == [
+            "node-x",
+            "default.p1",
+        ]
+        assert claimed.unique_key is not None and claimed.unique_key == stored.unique_key
+    finally:
+        await app.close()

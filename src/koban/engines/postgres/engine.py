@@ -107,6 +107,27 @@ def row_to_job(row: dict[str, Any]) -> Job:
     return Job(**fields)
 
 
+#: The columns `fetch_jobs` returns, in order. A claimed job has not finished, so its
+#: completed/cancelled/discarded times are left out.
+FETCHED_COLUMNS = (
+    "id", "state", "queue", "worker", "args", "meta", "tags", "errors", "priority", "attempt",
+    "max_attempts", "attempted_by", "inserted_at", "scheduled_at", "attempted_at", "unique_key",
+)  # fmt: skip
+
+
+def fetched_job(row: tuple[Any, ...]) -> Job:
+    """A claimed job from a `fetch_jobs` row (a node builds one per job it runs: rows as
+    tuples save a dict per row, and its filtering, on the node's hottest path)."""
+    (job_id, state, queue, worker, args, meta, tags, errors, priority, attempt, max_attempts,
+     attempted_by, inserted_at, scheduled_at, attempted_at, unique_key) = row  # fmt: skip
+    return Job(
+        worker=worker, args=args, queue=queue, state=_STATES[state], priority=priority,
+        max_attempts=max_attempts, meta=meta, tags=tags, id=job_id, attempt=attempt,
+        errors=errors, inserted_at=inserted_at, scheduled_at=scheduled_at,
+        attempted_at=attempted_at, attempted_by=attempted_by, unique_key=unique_key,
+    )  # fmt: skip
+
+
 def _json_loads(data: str | bytes) -> Any:
     """`json.loads` for jsonb columns, with the values most job rows hold ready-made.
 
@@ -925,11 +946,13 @@ class PostgresEngine(Engine):
     ) -> list[Job]:
         if limit <= 0:
             return []
-        rows = await self._rows(
-            QUERIES["fetch_jobs"],
-            {"queue": queue, "limit": limit, "node": node, "producer": producer, "now": now},
-        )
-        jobs = [row_to_job(r) for r in rows]
+        async with self._node_connection() as conn, conn.cursor() as cur:
+            await cur.execute(
+                QUERIES["fetch_jobs"],
+                {"queue": queue, "limit": limit, "node": node, "producer": producer, "now": now},
+            )
+            rows = await cur.fetchall()
+        jobs = [fetched_job(r) for r in rows]
         jobs.sort(key=lambda j: (j.priority, j.scheduled_at, j.id))
         return jobs
 
