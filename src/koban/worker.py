@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,10 +23,10 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from koban import backoff as _backoff
 from koban.errors import ConfigurationError, JobValidationError
 from koban.job import DEFAULT_MAX_ATTEMPTS, DEFAULT_QUEUE, Job
+from koban.unique import Unique
 
 if TYPE_CHECKING:
     from koban.app import Koban
-    from koban.unique import Unique
 
 EXECUTORS = ("async", "thread", "process")
 
@@ -81,8 +82,6 @@ def check_options(name: str, options: WorkerOptions) -> None:
             f"worker {name!r}: executor must be one of {', '.join(EXECUTORS)}, "
             f"got {options.executor!r}"
         )
-    from koban.unique import Unique
-
     if options.unique is not None and not isinstance(options.unique, Unique):
         raise ConfigurationError(
             f"worker {name!r}: unique must be a koban.Unique(...) or None, "
@@ -110,10 +109,6 @@ def build_job(
     `unique` is the worker's setting (True), another `koban.Unique`, or False/None for none;
     `replace` names fields of an existing duplicate to update from this job on conflict.
     """
-    import dataclasses
-
-    from koban.unique import Unique
-
     tag_list: Any = list(options.tags) if tags is None else tags
     if isinstance(tags, list | tuple | set | frozenset):
         tag_list = list(tags)
