@@ -51,6 +51,10 @@ MAX_JSON_DEPTH = 256
 #: schedule_in beyond this many seconds either way (100 years) is refused: times far enough out
 #: are stored by the database but cannot be read back into a Python datetime.
 MAX_SCHEDULE_IN = 100 * 366 * 86400
+#: isinstance() targets on the enqueue path: tuples, built once (a `list | tuple` union is
+#: built anew on every call).
+_SEQUENCES = (list, tuple)
+_CONTAINERS = (dict, list, tuple)
 
 
 @dataclass(slots=True)
@@ -149,7 +153,7 @@ def _check_tree(value: dict[str, Any], what: str, worker: str) -> None:
                     )
                 stack.append((child, f"{path}[{key[:20]!r}]", depth + 1))
                 stack.append((key, f"the key {key[:20]!r} in {path}", depth))
-        elif isinstance(node, list | tuple):
+        elif isinstance(node, _SEQUENCES):
             stack.extend((child, f"{path}[{i}]", depth + 1) for i, child in enumerate(node))
         elif isinstance(node, str):
             problem = _text_problem(node)
@@ -199,11 +203,11 @@ def _plain(node: dict[str, Any] | list[Any] | tuple[Any, ...], depth: int = 1) -
         for key, child in node.items():
             if not isinstance(key, str):
                 return False
-            if isinstance(child, dict | list | tuple) and not _plain(child, depth + 1):
+            if isinstance(child, _CONTAINERS) and not _plain(child, depth + 1):
                 return False
     else:
         for child in node:
-            if isinstance(child, dict | list | tuple) and not _plain(child, depth + 1):
+            if isinstance(child, _CONTAINERS) and not _plain(child, depth + 1):
                 return False
     return True
 

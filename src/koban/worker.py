@@ -29,6 +29,8 @@ if TYPE_CHECKING:
     from koban.app import Koban
 
 EXECUTORS = ("async", "thread", "process")
+_TAG_COLLECTIONS = (list, tuple, set, frozenset)
+_UNIQUE_SETTINGS = (bool, Unique)
 
 
 def worker_name(obj: Any) -> str:
@@ -110,11 +112,11 @@ def build_job(
     `replace` names fields of an existing duplicate to update from this job on conflict.
     """
     tag_list: Any = list(options.tags) if tags is None else tags
-    if isinstance(tags, list | tuple | set | frozenset):
+    if isinstance(tags, _TAG_COLLECTIONS):
         tag_list = list(tags)
     # Anything else (notably a string: list("urgent") would make six one-letter tags) is
     # passed on as given and refused by name in validate().
-    if not (unique is None or isinstance(unique, bool | Unique)):
+    if not (unique is None or isinstance(unique, _UNIQUE_SETTINGS)):
         raise JobValidationError(
             f"unique for worker {name!r} must be a koban.Unique, True (the worker's setting), "
             f"False or None, got {unique!r:.60}"
