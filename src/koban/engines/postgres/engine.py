@@ -128,6 +128,11 @@ def fetched_job(row: tuple[Any, ...]) -> Job:
     )  # fmt: skip
 
 
+def _int_array(values: Iterable[int]) -> str:
+    """A PostgreSQL array literal of integers, for a parameter cast to `bigint[]`/`integer[]`."""
+    return "{" + ",".join(map(str, values)) + "}"
+
+
 def _json_loads(data: str | bytes) -> Any:
     """`json.loads` for jsonb columns, with the values most job rows hold ready-made.
 
@@ -964,8 +969,10 @@ class PostgresEngine(Engine):
             count += await self._execute(
                 QUERIES["complete_jobs"],
                 {
-                    "ids": [a.job_id for a in completed],
-                    "attempts": [a.attempt for a in completed],
+                    # Array literals, written at once: psycopg adapts a list element by
+                    # element in Python, a cost the node paid on every ack.
+                    "ids": _int_array(a.job_id for a in completed),
+                    "attempts": _int_array(a.attempt for a in completed),
                     "now": now,
                 },
             )
