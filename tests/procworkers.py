@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -73,6 +74,12 @@ def exit_hard(job: koban.Job) -> None:
     """Write this process's id to `out`, then end the process without any clean-up."""
     write(job.args["out"], {"pid": os.getpid()})
     os._exit(3)
+
+
+def calls_sys_exit(job: koban.Job) -> None:
+    """Write this process's id to `out`, then call sys.exit() as a script would."""
+    write(job.args["out"], {"pid": os.getpid()})
+    sys.exit(5)
 
 
 def spin_until_peer(job: koban.Job) -> None:

@@ -114,3 +114,23 @@ def test_no_call_is_taken_after_shutdown() -> None:
 
     with pytest.raises(RuntimeError, match="shut down"):
         asyncio.run(submit())
+
+
+async def test_a_call_raising_stopiteration_fails_alone_and_strands_no_other_outcome() -> None:
+    threads = JobThreads(max_workers=4)
+    release = threading.Event()
+
+    def work(i: int) -> int:
+        release.wait(10)  # finish together, so the outcomes are handed back in one batch
+        if i == 3:
+            next(iter([]))
+        return i
+
+    try:
+        futures = [threads.run(work, i) for i in range(8)]
+        release.set()
+        outcomes = await asyncio.wait_for(asyncio.gather(*futures, return_exceptions=True), 10)
+    finally:
+        threads.shutdown()
+    assert isinstance(outcomes[3], RuntimeError) and "StopIteration" in str(outcomes[3])
+    assert [o for i, o in enumerate(outcomes) if i != 3] == [0, 1, 2, 4, 5, 6, 7]

@@ -187,6 +187,26 @@ async def test_a_process_that_dies_fails_the_attempt_and_the_pool_goes_on(
     assert int((tmp_path / "pids").read_text()) != dead_pid
 
 
+async def test_sys_exit_in_a_job_fails_that_job_and_keeps_its_process(
+    apps: AppFactory, tmp_path: Path
+) -> None:
+    app = apps(processes=1)
+    exits = app.worker(procworkers.calls_sys_exit, executor="process", max_attempts=2)
+    record = app.worker(procworkers.record_pid, executor="process")
+
+    async with app:
+        job = await exits.aenqueue({"out": str(tmp_path / "exited")})
+        failed = await wait_for_state(app, job.id or 0, JobState.RETRYABLE)
+        after = await record.aenqueue({"out": str(tmp_path / "pids")})
+        await wait_for_state(app, after.id or 0, JobState.COMPLETED)
+
+    [error] = failed.errors
+    assert (error["type"], error["message"]) == ("SystemExit", "5")
+    assert "sys.exit(5)" in error["traceback"]
+    # The same process took the next job: a job's SystemExit does not end its process.
+    assert int((tmp_path / "pids").read_text()) == (await read_json(tmp_path / "exited"))["pid"]
+
+
 async def test_cancelling_a_running_process_job_kills_its_process(
     apps: AppFactory, tmp_path: Path
 ) -> None:

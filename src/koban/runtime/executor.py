@@ -116,6 +116,11 @@ class JobThreads(PoolExecutor):
             return
         try:
             done: _Done = (future, True, fn(*args))
+        except StopIteration as exc:
+            # A future cannot hold StopIteration (Python 3.11 raises TypeError): as 3.12 does.
+            error = RuntimeError(f"the job raised StopIteration: {exc}")
+            error.__cause__ = exc
+            done = (future, False, error)
         except BaseException as exc:
             done = (future, False, exc)
         loop = future.get_loop()
@@ -139,10 +144,14 @@ class JobThreads(PoolExecutor):
         for future, ok, value in done:
             if future.cancelled():
                 continue
-            if ok:
-                future.set_result(value)
-            else:
-                future.set_exception(value)
+            try:
+                if ok:
+                    future.set_result(value)
+                else:
+                    future.set_exception(value)
+            except Exception as exc:  # never let one outcome strand the rest of the batch
+                failed = RuntimeError(f"the job's outcome could not be handed back: {exc}")
+                future.set_exception(failed)
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         with self._lock:

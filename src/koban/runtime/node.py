@@ -281,6 +281,7 @@ class Node:
         for producer in self.producers.values():
             await producer.wait_idle(max(0.0, deadline - loop.time()))
         abandoned: list[int] = []
+        self._processes.closing()  # a process job abandoned now needs no replacement child
         for producer in self.producers.values():
             abandoned += await producer.abandon()
         self.abandoned = abandoned

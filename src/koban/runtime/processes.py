@@ -108,7 +108,7 @@ def _perform_in_child(
             target = targets[(module, qualname)] = _import_target(job.worker, module, qualname)
         perform: Any = target().perform if isinstance(target, type) else target
         result = perform(job)
-    except Exception as exc:
+    except BaseException as exc:  # sys.exit() or KeyboardInterrupt in a job fail that job only
         return ("raised", *_describe(exc))
     # Only the outcomes koban acts on cross back; any other return value means "completed".
     return ("returned", result if isinstance(result, Snooze | Cancel | Discard) else None)
@@ -143,7 +143,7 @@ def _import_target(worker: str, module: str, qualname: str) -> Any:
     )
 
 
-def _describe(exc: Exception) -> tuple[bytes | None, str, str, str, str]:
+def _describe(exc: BaseException) -> tuple[bytes | None, str, str, str, str]:
     """What crosses back for a raised exception: itself pickled if that round-trips, its
     type's module and qualname and its message (to recreate it if not), and its traceback."""
     tb = "".join(traceback.format_exception(exc))
@@ -154,17 +154,23 @@ def _describe(exc: Exception) -> tuple[bytes | None, str, str, str, str]:
     except Exception:
         payload = None
     kind = type(exc)
-    return payload, kind.__module__, kind.__qualname__, str(exc), tb
+    try:
+        message = str(exc)
+    except Exception:  # an exception whose __str__ fails still fails its job, not the child
+        message = f"<{kind.__qualname__}: its message could not be formatted>"
+    return payload, kind.__module__, kind.__qualname__, message, tb
 
 
 # ----- the parent -----------------------------------------------------------------------------
-def _recreate(payload: bytes | None, module: str, qualname: str, message: str) -> BaseException:
+def _recreate(payload: bytes | None, module: str, qualname: str, message: str) -> Exception:
     if payload is not None:
         try:
             exc = pickle.loads(payload)
         except Exception:
             exc = None
-        if isinstance(exc, BaseException):
+        # SystemExit, KeyboardInterrupt and the like stay in the child: raised in the node
+        # they would stop it. A stand-in Exception of the same name fails the job alone.
+        if isinstance(exc, Exception):
             return exc
     # Same type name and message, so the error entry reads as it would for a thread job.
     stand_in = type(
@@ -295,6 +301,11 @@ class ProcessPool:
         with contextlib.suppress(AttributeError, TypeError):
             setattr(raised, _TRACEBACK_ATTR, tb)
         raise raised
+
+    def closing(self) -> None:
+        """Start no more children: the node is stopping (jobs cancelled now kill their child
+        without a replacement)."""
+        self._closed = True
 
     async def close(self, timeout: float = 5.0) -> None:
         """Ask every child to exit, give them `timeout` seconds, then terminate and kill them;
