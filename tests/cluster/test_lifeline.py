@@ -99,7 +99,7 @@ async def test_jobs_of_a_restarted_node_are_rescued_at_once(
     """A node restarted under the same name heartbeats, but it is not running the old jobs."""
     app = apps(clock=clock)
     await app.open()
-    before, _ = await register(app, "worker-1")
+    before, _ = await register(app, "worker-1", interval=0.1)
     [job] = await app.aenqueue_many([Job(worker="w.a")])
     await take(app, before)
     clock.advance(2)

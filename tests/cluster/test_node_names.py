@@ -8,7 +8,8 @@ import pytest
 from helpers import AppFactory, wait_for_state
 from koban import Heartbeat, Job, JobState
 from koban.errors import ConfigurationError
-from koban.runtime.node import Node
+
+from .conftest import idle_node
 
 
 async def test_a_second_node_under_a_running_nodes_name_is_refused_and_harms_nothing(
@@ -45,18 +46,11 @@ async def test_a_restart_under_the_name_of_a_crashed_node_takes_the_name_over(
     await crashed.open()
     # A node that registered and then died without unregistering: its row stays, frozen.
     beat = Heartbeat(interval=0.1)
-    ghost = Node(
-        engine=crashed.engine,
-        workers=crashed.workers,
-        queues=crashed.queues,
-        telemetry=crashed.telemetry,
-        clock=crashed.clock,
-        plugins=[beat],
-        name="worker-1",
-        shutdown_grace=1.0,
-    )
+    ghost = idle_node(crashed, "worker-1", [beat])
     await beat.start(ghost)
     ghost_incarnation = beat.incarnation
+    # An operator's per-node setting rewrites the dead row's meta: not a sign of life.
+    await crashed.apause_queue("default", node="worker-1")
 
     restarted = apps(node="worker-1", plugins=[Heartbeat(interval=0.1)])
     await restarted.start()

@@ -19,7 +19,7 @@ import logging
 import os
 import socket
 import uuid
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import TYPE_CHECKING
 
 from koban.engines.base import JobFilter, NodeInfo
@@ -71,6 +71,7 @@ class Heartbeat(Plugin):
                 "host": socket.gethostname(),
                 "pid": os.getpid(),
                 "version": _version(),
+                "interval": self.interval,
             },
         )
 
@@ -96,28 +97,33 @@ class Heartbeat(Plugin):
         """Refuse to start under the name of a node that is still running.
 
         Two live processes with one name would each re-register over the other and rescue
-        each other's jobs as a restarted node's. A row with a recent heartbeat may also be a
-        predecessor that just crashed (a restart under a fixed name): it is watched for up to
-        two heartbeat intervals, and only a heartbeat that moves on refuses the start.
+        each other's jobs as a restarted node's. A row left under the name may also be a
+        predecessor that crashed (a restart under a fixed name): it is watched for two of
+        its heartbeat intervals (the longer of its and ours), and only a heartbeat that moves
+        on refuses the start. Only the row's own fields are compared, so no clock is needed;
+        two processes started at the very same moment under one name are not caught.
         """
         other = await self._namesake(node)
-        if other is None or other.heartbeat_at is None:
+        if other is None:
             return
-        if other.heartbeat_at <= node.clock.now() - timedelta(seconds=node.live_within):
-            return  # long silent: a dead predecessor, whose jobs the lifeline rescues
+        theirs = other.meta.get("interval")
+        interval = max(self.interval, float(theirs) if isinstance(theirs, int | float) else 0.0)
         log.info(
-            "node name %s was heartbeating until recently (pid %s on %s); watching it for %.0f s "
-            "before taking the name over",
-            node.name, other.meta.get("pid", "?"), other.meta.get("host", "?"),
-            2 * self.interval,
+            "node name %s is registered by another process (pid %s on %s); watching its "
+            "heartbeat for %.1f s before taking the name over",
+            node.name, other.meta.get("pid", "?"), other.meta.get("host", "?"), 2 * interval,
         )  # fmt: skip
-        deadline = asyncio.get_running_loop().time() + 2 * self.interval
-        while asyncio.get_running_loop().time() < deadline:
-            await asyncio.sleep(min(0.5, self.interval / 5))
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 2 * interval
+        while loop.time() < deadline:
+            await asyncio.sleep(min(0.5, interval / 5))
             now = await self._namesake(node)
             if now is None:
                 return  # it stopped cleanly and removed its row
-            if now.heartbeat_at != other.heartbeat_at or now.meta != other.meta:
+            if (now.heartbeat_at, now.meta.get("incarnation")) != (
+                other.heartbeat_at,
+                other.meta.get("incarnation"),
+            ):
                 raise ConfigurationError(
                     f"node name {node.name!r} is in use by a running node (pid "
                     f"{now.meta.get('pid', '?')} on {now.meta.get('host', '?')}): two processes "
