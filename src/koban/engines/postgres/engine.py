@@ -33,7 +33,7 @@ import psycopg.types.json
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import dict_row
-from psycopg_pool import AsyncConnectionPool, ConnectionPool
+from psycopg_pool import AsyncConnectionPool, ConnectionPool, PoolTimeout
 
 from koban.engines._sql import load_migrations, load_queries
 from koban.engines.base import (
@@ -741,9 +741,9 @@ class PostgresEngine(Engine):
             async with pool.connection() as c:
                 try:
                     await AsyncConnectionPool.check_connection(c)
-                except psycopg.OperationalError:
-                    if not tries_left:
-                        raise
+                except psycopg.OperationalError as exc:
+                    if not tries_left:  # nothing was sent: say so, not "lost mid-call"
+                        raise self._unavailable(exc) from exc
                     continue  # leaving the block hands the broken connection back: dropped
                 return await _run_async(op, c)
 
@@ -830,6 +830,8 @@ class PostgresEngine(Engine):
         wake = self._throttle.claim(queues)
         try:
             inserted = self._exec(_op_insert(jobs, now, wake))
+        except PoolTimeout as exc:  # no connection was had: nothing was sent
+            raise self._unavailable(exc) from exc
         except psycopg.OperationalError as exc:
             if _connection_lost(exc):
                 raise self._insert_interrupted(jobs, exc) from exc
@@ -848,6 +850,8 @@ class PostgresEngine(Engine):
         wake = self._throttle.claim(queues)
         try:
             inserted = await self._aexec(_op_insert(jobs, now, wake))
+        except PoolTimeout as exc:  # no connection was had: nothing was sent
+            raise self._unavailable(exc) from exc
         except psycopg.OperationalError as exc:
             if _connection_lost(exc):
                 raise self._insert_interrupted(jobs, exc) from exc
