@@ -197,7 +197,8 @@ def _plain(node: dict[str, Any] | list[Any] | tuple[Any, ...], depth: int = 1) -
     The cheap walk every job takes; strings are checked on the encoded text instead, and
     `_check_tree` walks again, slowly, only to name a problem.
     """
-    if depth > MAX_JSON_DEPTH:
+    # A non-empty container at the limit holds values one level beyond it.
+    if depth > MAX_JSON_DEPTH or (depth == MAX_JSON_DEPTH and node):
         return False
     if isinstance(node, dict):
         for key, child in node.items():

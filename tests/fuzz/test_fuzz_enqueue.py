@@ -140,6 +140,23 @@ def test_deeply_nested_args_are_refused_clearly(app: koban.Koban, db_url: str) -
     assert "nested" in str(outcome)
 
 
+def test_the_nesting_limit_is_exact_for_scalars_and_containers(
+    app: koban.Koban, db_url: str
+) -> None:
+    def wrapped(levels: int, leaf: Any) -> dict[str, Any]:
+        value: Any = leaf
+        for _ in range(levels - 1):
+            value = [value]
+        return {"deep": value}  # args itself is level 1
+
+    # 255 lists inside args: the innermost list is at level 256, its element at 257.
+    assert isinstance(attempt_enqueue(app, db_url, wrapped(255, [])), koban.Job)
+    for leaf in (1, "x", None, []):
+        outcome = attempt_enqueue(app, db_url, wrapped(256, leaf))
+        assert isinstance(outcome, koban.JobValidationError), leaf
+        assert "nested more than 256 levels" in str(outcome)
+
+
 @settings(FUZZ, max_examples=max(EXAMPLES * 2 // 3, 1))
 @given(limit=st.integers(min_value=16, max_value=4096), extra=st.integers(-8, 8))
 def test_args_size_limit_is_exact(db_url: str, limit: int, extra: int) -> None:
