@@ -828,14 +828,8 @@ class PostgresEngine(Engine):
             return self._exec(_op_insert(jobs, now, copy=_can_copy(conn)), conn)
         queues = {job.queue for job in jobs}
         wake = self._throttle.claim(queues)
-        try:
+        with self._insert_errors(jobs):
             inserted = self._exec(_op_insert(jobs, now, wake))
-        except PoolTimeout as exc:  # no connection was had: nothing was sent
-            raise self._unavailable(exc) from exc
-        except psycopg.OperationalError as exc:
-            if _connection_lost(exc):
-                raise self._insert_interrupted(jobs, exc) from exc
-            raise
         self._throttle.hold(queues - set(wake))
         return inserted
 
@@ -848,16 +842,23 @@ class PostgresEngine(Engine):
             return await self._aexec(_op_insert(jobs, now, copy=_can_copy(conn)), conn)
         queues = {job.queue for job in jobs}
         wake = self._throttle.claim(queues)
-        try:
+        with self._insert_errors(jobs):
             inserted = await self._aexec(_op_insert(jobs, now, wake))
+        self._throttle.hold(queues - set(wake))
+        return inserted
+
+    @contextlib.contextmanager
+    def _insert_errors(self, jobs: Sequence[Job]) -> Iterator[None]:
+        """Turn a pooled insert's connection failures into koban's errors, saying whether the
+        insert may have committed."""
+        try:
+            yield
         except PoolTimeout as exc:  # no connection was had: nothing was sent
             raise self._unavailable(exc) from exc
         except psycopg.OperationalError as exc:
             if _connection_lost(exc):
                 raise self._insert_interrupted(jobs, exc) from exc
             raise
-        self._throttle.hold(queues - set(wake))
-        return inserted
 
     def _insert_interrupted(
         self, jobs: Sequence[Job], exc: psycopg.Error
