@@ -373,6 +373,71 @@ async def test_a_refused_bulk_insert_inserts_nothing_and_names_the_job(
     assert sql_rows(pg_url, "SELECT worker FROM koban_jobs") == [("w.squatter",)]
 
 
+def reserved_ids(url: str) -> int:
+    """How many ids the jobs' id sequence has handed out (COPY reserves its ids first)."""
+    query = "SELECT last_value - CASE WHEN is_called THEN 0 ELSE 1 END FROM koban_jobs_id_seq"
+    return int(sql_rows(url, query)[0][0])
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+async def test_a_bad_job_deep_in_a_bulk_insert_stops_the_copy_and_inserts_nothing(
+    pg_url: str, mode: str
+) -> None:
+    """A pooled bulk insert validates each job as COPY sends the batch, so a bad job is found
+    after earlier chunks already reached PostgreSQL: the COPY is aborted and nothing stays."""
+    app = make_app(pg_url)
+    jobs = [Job(worker="w.deep", args={"i": i}) for i in range(2000)]
+    jobs[1800].args = {"when": object()}
+    before = reserved_ids(pg_url)
+    try:
+        with pytest.raises(koban.JobValidationError, match="not JSON-serialisable") as raised:
+            if mode == "sync":
+                app.enqueue_many(jobs)
+            else:
+                await app.aenqueue_many(jobs)
+        assert "w.deep" in str(raised.value)
+        assert count_jobs(pg_url) == 0
+        # The ids were reserved and 1,800 rows sent before the bad job was reached.
+        assert reserved_ids(pg_url) >= before + 2000
+        # A queue of the wrong type is refused as bad input too, not as a TypeError.
+        bad_queue = [Job(worker="w.deep", args={"i": i}) for i in range(200)]
+        bad_queue[150].queue = ["default"]  # type: ignore[assignment]
+        with pytest.raises(koban.JobValidationError, match=r"queue for worker 'w\.deep'"):
+            if mode == "sync":
+                app.enqueue_many(bad_queue)
+            else:
+                await app.aenqueue_many(bad_queue)
+        # The connection went back to the pool fit for use.
+        jobs[1800].args = {"i": 1800}
+        stored = app.enqueue_many(jobs) if mode == "sync" else await app.aenqueue_many(jobs)
+        assert [j.args["i"] for j in stored] == list(range(2000))
+        assert [j.id for j in stored] == sorted(j.id or 0 for j in stored)
+        assert count_jobs(pg_url) == 2000
+    finally:
+        await app.close()
+
+
+def test_a_bad_job_in_a_bulk_insert_on_the_callers_connection_leaves_its_transaction_usable(
+    pg_url: str,
+) -> None:
+    """On the caller's connection every job is validated before any statement is sent: a bad
+    job must not abort the caller's transaction."""
+    app = make_app(pg_url)
+    jobs = bulk()
+    jobs[-1].args = {"when": object()}
+    try:
+        with psycopg.connect(pg_url) as conn:
+            conn.execute("INSERT INTO koban_jobs (worker) VALUES ('w.callers_own')")
+            with pytest.raises(koban.JobValidationError):
+                app.enqueue_many(jobs, conn=conn)
+            assert conn.info.transaction_status == psycopg.pq.TransactionStatus.INTRANS
+            conn.execute("SELECT 1")  # not aborted
+            conn.commit()
+        assert sql_rows(pg_url, "SELECT worker FROM koban_jobs") == [("w.callers_own",)]
+    finally:
+        app.engine.close_sync()
+
+
 def lock_waiters(url: str) -> list[int]:
     """Sessions on the test database waiting for a lock."""
     rows = sql_rows(

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import logging
 import os
 import signal
@@ -195,20 +196,27 @@ class Koban:
 
     # ----- enqueue --------------------------------------------------------------------------
     def _prepare(self, jobs: Iterable[Job]) -> list[Job]:
-        prepared = []
         now = self.clock.now()
-        for job in jobs:
-            if not isinstance(job, Job):
-                raise TypeError(
-                    f"enqueue_many takes jobs built with Worker.new(...), got {type(job).__name__}"
-                )
-            # Subscribers may add to job.meta here (tracing carries its context this way).
-            self.telemetry.emit("job:enqueue", job=job)
-            validate(job, max_args_bytes=self.max_args_bytes)
-            if job.unique is not None:
-                job.unique_key = unique_key(job, job.unique, now)
-            prepared.append(job)
+        prepared = list(jobs)
+        for job in prepared:
+            self._prepare_one(job, now)
         return prepared
+
+    def _prepare_one(self, job: Job, now: datetime) -> None:
+        if not isinstance(job, Job):
+            raise TypeError(
+                f"enqueue_many takes jobs built with Worker.new(...), got {type(job).__name__}"
+            )
+        # Subscribers may add to job.meta here (tracing carries its context this way).
+        self.telemetry.emit("job:enqueue", job=job)
+        validate(job, max_args_bytes=self.max_args_bytes)
+        if job.unique is not None:
+            job.unique_key = unique_key(job, job.unique, now)
+
+    def _deferred(self, jobs: Iterable[Job]) -> tuple[list[Job], Callable[[Job], None]]:
+        """The jobs, and how to prepare each: the engine may do it while it sends the batch
+        (see `Engine.insert`), so validation overlaps the database's work."""
+        return list(jobs), functools.partial(self._prepare_one, now=self.clock.now())
 
     def _now(self) -> datetime | None:
         return self.clock.now() if self.clock.frozen else None
@@ -222,12 +230,21 @@ class Koban:
         return (await self.engine.insert(self._prepare([job]), conn=conn, now=self._now()))[0]
 
     def enqueue_many(self, jobs: Iterable[Job], *, conn: Any = None) -> list[Job]:
-        """Insert many jobs in one round trip; returns them as stored, in the given order."""
-        return self.engine.insert_sync(self._prepare(jobs), conn=conn, now=self._now())
+        """Insert many jobs in one round trip; returns them as stored, in the given order.
+
+        All or none: a job that fails validation raises before any of them is inserted.
+        """
+        if conn is not None:  # never start, then abort, a statement in the caller's transaction
+            return self.engine.insert_sync(self._prepare(jobs), conn=conn, now=self._now())
+        listed, prepare = self._deferred(jobs)
+        return self.engine.insert_sync(listed, now=self._now(), prepare=prepare)
 
     async def aenqueue_many(self, jobs: Iterable[Job], *, conn: Any = None) -> list[Job]:
         await self._ensure_open()
-        return await self.engine.insert(self._prepare(jobs), conn=conn, now=self._now())
+        if conn is not None:
+            return await self.engine.insert(self._prepare(jobs), conn=conn, now=self._now())
+        listed, prepare = self._deferred(jobs)
+        return await self.engine.insert(listed, now=self._now(), prepare=prepare)
 
     # ----- queries and control --------------------------------------------------------------
     def get_job(self, job_id: int) -> Job | None:

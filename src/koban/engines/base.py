@@ -178,17 +178,31 @@ class Engine(ABC):
     # ----- client: sync and async twins -----------------------------------------------------
     @abstractmethod
     def insert_sync(
-        self, jobs: Sequence[Job], conn: Any = None, now: datetime | None = None
+        self,
+        jobs: Sequence[Job],
+        conn: Any = None,
+        now: datetime | None = None,
+        *,
+        prepare: Callable[[Job], None] | None = None,
     ) -> list[Job]:
         """Insert validated jobs in one round trip and return them as stored, in input order.
 
         With `conn` (the caller's own connection), insert inside the caller's transaction.
         A unique conflict returns the existing job with `conflict=True`.
+
+        With `prepare`, the jobs are not validated yet: call it on each job before reading
+        the job, and let what it raises abort the whole insert, leaving nothing inserted. An
+        engine may call it while it sends the batch (`prepare_all` does it up front).
         """
 
     @abstractmethod
     async def insert(
-        self, jobs: Sequence[Job], conn: Any = None, now: datetime | None = None
+        self,
+        jobs: Sequence[Job],
+        conn: Any = None,
+        now: datetime | None = None,
+        *,
+        prepare: Callable[[Job], None] | None = None,
     ) -> list[Job]:
         """Async twin of `insert_sync`."""
 
@@ -416,6 +430,13 @@ class Engine(ABC):
 
     #: Seconds between polls when notifications cannot be relied on.
     poll_interval: float = 1.0
+
+
+def prepare_all(jobs: Sequence[Job], prepare: Callable[[Job], None] | None) -> None:
+    """Prepare every job up front (see `Engine.insert_sync`)."""
+    if prepare is not None:
+        for job in jobs:
+            prepare(job)
 
 
 def create_engine(url: str | None) -> Engine:

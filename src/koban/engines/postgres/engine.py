@@ -47,6 +47,7 @@ from koban.engines.base import (
     NotificationHandler,
     QueueState,
     Throughput,
+    prepare_all,
     redact,
 )
 from koban.engines.postgres import pool_logging
@@ -191,12 +192,14 @@ def _op_insert(
     notify: Sequence[str] | None = None,
     *,
     copy: bool = True,
+    prepare: Callable[[Job], None] | None = None,
 ) -> Op:
     """Insert `jobs` and return them as stored, in input order; wake the queues in `notify`
     (None: all) that gained available jobs, with one notification each. `copy=False` keeps
-    to one INSERT statement (a connection in pipeline mode cannot COPY)."""
-    if copy and len(jobs) >= COPY_MIN_JOBS and all(job.unique_key is None for job in jobs):
-        return (yield from _op_copy_jobs(jobs, now, notify))
+    to one INSERT statement (a connection in pipeline mode cannot COPY). `prepare`: the jobs
+    are to be prepared as COPY sends them (only for jobs `_copyable` accepts)."""
+    if prepare is not None or (copy and _copyable(jobs)):
+        return (yield from _op_copy_jobs(jobs, now, notify, prepare))
     rows = yield (
         QUERIES["insert_jobs"],
         {"jobs": _jobs_json(jobs), "now": now, "notify": None if notify is None else list(notify)},
@@ -242,7 +245,12 @@ def _op_insert(
     return out
 
 
-def _op_copy_jobs(jobs: Sequence[Job], now: datetime | None, notify: Sequence[str] | None) -> Op:
+def _op_copy_jobs(
+    jobs: Sequence[Job],
+    now: datetime | None,
+    notify: Sequence[str] | None,
+    prepare: Callable[[Job], None] | None = None,
+) -> Op:
     """Insert jobs no unique key can turn away by COPY, and build what is returned from what
     was sent: nothing is read back.
 
@@ -266,6 +274,10 @@ def _op_copy_jobs(jobs: Sequence[Job], now: datetime | None, notify: Sequence[st
         text = _CopyText(times=not due_now)
         lines: list[str] = []
         for job, job_id in zip(jobs, ids, strict=True):
+            if prepare is not None:
+                # Validation here overlaps PostgreSQL parsing the chunk sent before; what it
+                # raises aborts the COPY, and the transaction rolls back: nothing inserted.
+                prepare(job)
             args, meta = job.encoded or _encode(job)
             run_at = _run_at(job, t_utc)
             state = JobState.SCHEDULED if run_at > t_utc else JobState.AVAILABLE
@@ -554,6 +566,13 @@ def _opens_transaction(conn: psycopg.Connection[Any] | psycopg.AsyncConnection[A
     return conn.autocommit and conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
 
 
+def _returns_rows(cur: psycopg.Cursor[Any] | psycopg.AsyncCursor[Any]) -> bool:
+    """Whether the statement just run returned rows (even none). `cur.description` would say
+    it too, but builds a Column object per column first: a tenth of a single enqueue's CPU."""
+    result = cur.pgresult
+    return result is not None and result.status == psycopg.pq.ExecStatus.TUPLES_OK
+
+
 def _run_sync(op: Op, conn: psycopg.Connection[Any]) -> Any:
     with contextlib.ExitStack() as transaction:
         try:
@@ -571,7 +590,7 @@ def _run_sync(op: Op, conn: psycopg.Connection[Any]) -> Any:
                     else:
                         with conn.cursor(row_factory=dict_row) as cur:
                             cur.execute(statement[0], statement[1])
-                            rows = cur.fetchall() if cur.description else []
+                            rows = cur.fetchall() if _returns_rows(cur) else []
                 except psycopg.Error as exc:
                     statement = op.throw(exc)
                     continue
@@ -597,13 +616,47 @@ async def _run_async(op: Op, conn: psycopg.AsyncConnection[Any]) -> Any:
                     else:
                         async with conn.cursor(row_factory=dict_row) as cur:
                             await cur.execute(statement[0], statement[1])
-                            rows = await cur.fetchall() if cur.description else []
+                            rows = await cur.fetchall() if _returns_rows(cur) else []
                 except psycopg.Error as exc:
                     statement = op.throw(exc)
                     continue
                 statement = op.send(rows)
         except StopIteration as done:
             return done.value
+
+
+def _streamed(
+    jobs: Sequence[Job], conn: Any, prepare: Callable[[Job], None] | None
+) -> Callable[[Job], None] | None:
+    """`prepare` if the insert may call it while COPY sends the batch (a pooled connection, and
+    a batch COPY takes); otherwise every job is prepared here, up front, and None returned."""
+    if prepare is None:
+        return None
+    if conn is None and _copyable(jobs):
+        return prepare
+    prepare_all(jobs, prepare)
+    return None
+
+
+def _copyable(jobs: Sequence[Job]) -> bool:
+    """Whether `jobs` go in by COPY: enough of them, and none a unique key could turn away.
+    Also true only of plain Jobs with a string queue, read before they are validated."""
+    return len(jobs) >= COPY_MIN_JOBS and all(
+        type(job) is Job
+        and job.unique is None
+        and job.unique_key is None
+        and type(job.queue) is str
+        for job in jobs
+    )
+
+
+def _woken(inserted: Sequence[Job], wake: Sequence[str]) -> set[str]:
+    """The queues in `wake` an insert's notification woke: those it added available jobs to."""
+    return {
+        job.queue
+        for job in inserted
+        if job.state is JobState.AVAILABLE and not job.conflict and job.queue in wake
+    }
 
 
 def _can_copy(conn: psycopg.Connection[Any] | psycopg.AsyncConnection[Any]) -> bool:
@@ -819,32 +872,44 @@ class PostgresEngine(Engine):
 
     # ----- client ---------------------------------------------------------------------------
     def insert_sync(
-        self, jobs: Sequence[Job], conn: Any = None, now: datetime | None = None
+        self,
+        jobs: Sequence[Job],
+        conn: Any = None,
+        now: datetime | None = None,
+        *,
+        prepare: Callable[[Job], None] | None = None,
     ) -> list[Job]:
         if not jobs:
             return []
+        prepare = _streamed(jobs, conn, prepare)
         if conn is not None:
             # The caller commits: the notification must ride in its transaction, unthrottled.
             return self._exec(_op_insert(jobs, now, copy=_can_copy(conn)), conn)
         queues = {job.queue for job in jobs}
-        wake = self._throttle.claim(queues)
+        claim = self._throttle.claim(queues)
         with self._insert_errors(jobs):
-            inserted = self._exec(_op_insert(jobs, now, wake))
-        self._throttle.hold(queues - set(wake))
+            inserted = self._exec(_op_insert(jobs, now, claim.wake, prepare=prepare))
+        self._throttle.settle(claim, _woken(inserted, claim.wake), queues.difference(claim.wake))
         return inserted
 
     async def insert(
-        self, jobs: Sequence[Job], conn: Any = None, now: datetime | None = None
+        self,
+        jobs: Sequence[Job],
+        conn: Any = None,
+        now: datetime | None = None,
+        *,
+        prepare: Callable[[Job], None] | None = None,
     ) -> list[Job]:
         if not jobs:
             return []
+        prepare = _streamed(jobs, conn, prepare)
         if conn is not None:
             return await self._aexec(_op_insert(jobs, now, copy=_can_copy(conn)), conn)
         queues = {job.queue for job in jobs}
-        wake = self._throttle.claim(queues)
+        claim = self._throttle.claim(queues)
         with self._insert_errors(jobs):
-            inserted = await self._aexec(_op_insert(jobs, now, wake))
-        self._throttle.hold(queues - set(wake))
+            inserted = await self._aexec(_op_insert(jobs, now, claim.wake, prepare=prepare))
+        self._throttle.settle(claim, _woken(inserted, claim.wake), queues.difference(claim.wake))
         return inserted
 
     @contextlib.contextmanager
@@ -864,7 +929,7 @@ class PostgresEngine(Engine):
         self, jobs: Sequence[Job], exc: psycopg.Error
     ) -> DatabaseUnavailableError:
         detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        workers = sorted({job.worker for job in jobs})
+        workers = sorted({str(job.worker) for job in jobs})
         named = ", ".join(repr(w) for w in workers[:3]) + (", ..." if len(workers) > 3 else "")
         what = f"1 job (worker {named})" if len(jobs) == 1 else f"{len(jobs)} jobs ({named})"
         return DatabaseUnavailableError(
@@ -944,7 +1009,7 @@ class PostgresEngine(Engine):
             conn.cursor(row_factory=dict_row) as cur,
         ):
             await cur.execute(query, params)
-            return await cur.fetchall() if cur.description else []
+            return await cur.fetchall() if _returns_rows(cur) else []
 
     async def _execute(self, query: str, params: dict[str, Any]) -> int:
         async with self._node_connection() as conn, conn.cursor() as cur:

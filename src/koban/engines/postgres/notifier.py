@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import inspect
 import json
 import logging
+import os
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterable
@@ -80,67 +82,131 @@ async def listen(
                     pass
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class Claim:
+    """What `InsertNotifyThrottle.claim` decided for one insert."""
+
+    #: The queues this insert's statement may notify.
+    wake: list[str]
+    #: Held queues this insert's notification will also cover, with the hold each was at.
+    covers: dict[str, int]
+
+
 class InsertNotifyThrottle:
     """At most one insert notification per queue per `interval` from this process.
 
-    An insert whose queue was notified less than `interval` ago sends none; its queue is *held*
-    and woken by one trailing notification once the interval has passed. The hold starts only
-    after the insert committed, so the trailing notification always follows the commit and the
-    woken producer sees the job: a flood of single inserts costs a few notifications a second
-    per queue instead of one per insert, and no job waits for the poll interval.
+    An insert whose queue was notified less than `interval` ago sends none; its queue is *held*.
+    A held queue is woken by the next insert into it that does notify, or else by one trailing
+    notification from a background thread once the interval has passed. Either way the waking
+    notification follows the held insert's commit, so the woken producer sees the job: a flood
+    of single inserts costs a few notifications a second per queue instead of one per insert,
+    and no job waits for the poll interval.
+
+    A covering insert must have *claimed* after the hold was registered (which is after the
+    held insert committed), and it clears the hold only after it committed itself, and only
+    if the queue was not held again in between.
     """
 
     def __init__(self, send: Callable[[list[str]], None], interval: float = 0.005) -> None:
         self.interval = interval
         self._send = send
         self._last: dict[str, float] = {}
-        self._held: set[str] = set()
-        self._lock = threading.Lock()
-        self._timer: threading.Timer | None = None
+        self._held: dict[str, int] = {}  # queue -> the number of its latest hold
+        self._holds = 0
+        self._due: float | None = None  # when the trailing notification is sent
+        self._cond = threading.Condition(threading.Lock())
+        self._flusher: threading.Thread | None = None
+        self._flusher_pid = 0
 
-    def claim(self, queues: Iterable[str]) -> list[str]:
-        """The queues to notify with this insert; the caller holds the rest after commit."""
+    def claim(self, queues: Iterable[str]) -> Claim:
+        """Decide, before an insert, which of its queues it notifies."""
         now = time.monotonic()
-        wake = []
-        with self._lock:
+        wake: list[str] = []
+        covers: dict[str, int] = {}
+        with self._cond:
             for queue in queues:
                 if now - self._last.get(queue, float("-inf")) >= self.interval:
                     self._last[queue] = now
                     wake.append(queue)
-        return wake
+                    held = self._held.get(queue)
+                    if held is not None:
+                        covers[queue] = held
+        return Claim(wake, covers)
+
+    def settle(self, claim: Claim, woke: Iterable[str], hold: Iterable[str]) -> None:
+        """After the insert committed: `woke` are the queues its notification woke (queues it
+        claimed and gained available jobs in); `hold` the queues it left unwoken."""
+        with self._cond:
+            for queue in woke:
+                if queue in claim.covers and self._held.get(queue) == claim.covers[queue]:
+                    del self._held[queue]
+            for queue in hold:
+                self._holds += 1
+                self._held[queue] = self._holds
+            if not self._held:
+                self._due = None
+            elif self._due is None:
+                self._due = time.monotonic() + self.interval
+                if self._flusher is None or self._flusher_pid != os.getpid():
+                    # One thread for the process's life (started again in a forked child).
+                    self._flusher = threading.Thread(
+                        target=self._run, name="koban-insert-notify", daemon=True
+                    )
+                    self._flusher_pid = os.getpid()
+                    self._flusher.start()
+                self._cond.notify()
 
     def hold(self, queues: Iterable[str]) -> None:
         """Notify `queues` once the interval has passed (call after the insert committed)."""
-        with self._lock:
-            self._held.update(queues)
-            if self._held and self._timer is None:
-                self._timer = threading.Timer(self.interval, self.flush)
-                self._timer.daemon = True
-                self._timer.start()
+        self.settle(EMPTY_CLAIM, (), queues)
 
     def flush(self) -> None:
         """Send the trailing notification for every held queue now."""
-        with self._lock:
-            queues = sorted(self._held)
-            self._held.clear()
-            self._timer = None
-            now = time.monotonic()
-            for queue in queues:
-                self._last[queue] = now
-        if queues:
-            try:
-                self._send(queues)
-            except Exception as exc:  # the producers' poll still finds the jobs
-                log.warning(
-                    "could not wake queue(s) %s after an insert (%s); they are polled instead",
-                    ", ".join(queues),
-                    type(exc).__name__,
-                )
+        with self._cond:
+            queues = self._take()
+        self._deliver(queues)
 
     def close(self) -> None:
-        """Cancel the timer and send what is held, so nothing waits for a poll."""
-        with self._lock:
-            timer, self._timer = self._timer, None
-        if timer is not None:
-            timer.cancel()
+        """Stop the background thread and send what is held, so nothing waits for a poll."""
+        with self._cond:
+            self._flusher = None
+            self._cond.notify_all()
         self.flush()
+
+    def _run(self) -> None:
+        me = threading.current_thread()
+        while True:
+            with self._cond:
+                while self._flusher is me:
+                    now = time.monotonic()
+                    if self._due is not None and self._due <= now:
+                        break
+                    self._cond.wait(None if self._due is None else self._due - now)
+                if self._flusher is not me:
+                    return
+                queues = self._take()
+            self._deliver(queues)
+
+    def _take(self) -> list[str]:
+        queues = sorted(self._held)
+        self._held.clear()
+        self._due = None
+        now = time.monotonic()
+        for queue in queues:
+            self._last[queue] = now
+        return queues
+
+    def _deliver(self, queues: list[str]) -> None:
+        if not queues:
+            return
+        try:
+            self._send(queues)
+        except Exception as exc:  # the producers' poll still finds the jobs
+            log.warning(
+                "could not wake queue(s) %s after an insert (%s); they are polled instead",
+                ", ".join(queues),
+                type(exc).__name__,
+            )
+
+
+EMPTY_CLAIM = Claim([], {})

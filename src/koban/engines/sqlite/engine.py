@@ -38,6 +38,7 @@ from koban.engines.base import (
     NotificationHandler,
     QueueState,
     Throughput,
+    prepare_all,
 )
 from koban.engines.sqlite import notifier
 from koban.engines.sqlite.connection import (
@@ -636,19 +637,31 @@ class SQLiteEngine(Engine):
 
     # ----- client ---------------------------------------------------------------------------
     def insert_sync(
-        self, jobs: Sequence[Job], conn: Any = None, now: datetime | None = None
+        self,
+        jobs: Sequence[Job],
+        conn: Any = None,
+        now: datetime | None = None,
+        *,
+        prepare: Callable[[Job], None] | None = None,
     ) -> list[Job]:
         if not jobs:
             return []
+        prepare_all(jobs, prepare)
         if conn is not None:
             return self._insert_in_callers_transaction(conn, jobs, now)
         return self._write_sync(functools.partial(_op_insert, jobs=jobs, now=now))
 
     async def insert(
-        self, jobs: Sequence[Job], conn: Any = None, now: datetime | None = None
+        self,
+        jobs: Sequence[Job],
+        conn: Any = None,
+        now: datetime | None = None,
+        *,
+        prepare: Callable[[Job], None] | None = None,
     ) -> list[Job]:
         if not jobs:
             return []
+        prepare_all(jobs, prepare)
         if conn is not None:
             # The caller's connection belongs to the caller's thread; the insert is as short as
             # the caller's own statements on it.
