@@ -481,16 +481,42 @@ async def test_an_insert_whose_connection_is_killed_raises_database_unavailable(
 
 
 def test_bulk_insert_in_callers_pipeline_uses_one_statement(pg_url: str) -> None:
-    """A connection in pipeline mode cannot COPY: a batch on it is one INSERT, as before."""
+    """A connection in pipeline mode cannot COPY: a batch on it is one INSERT, as before. The
+    jobs come back as stored, ids and all, though pipeline results arrive only on a sync."""
     app = make_app(pg_url)
+    unique = koban.Unique(period=60)
     try:
         with psycopg.connect(pg_url) as conn:
             with conn.pipeline():
-                app.enqueue_many(bulk(), conn=conn)
+                conn.execute("SELECT 1")  # the caller's own statement, queued before ours
+                many = app.enqueue_many(bulk(), conn=conn)
+                one = app.enqueue(Job(worker="w.one"), conn=conn)
+                first = app.enqueue(Job(worker="w.u", unique=unique), conn=conn)
+                again = app.enqueue(Job(worker="w.u", unique=unique), conn=conn)
             conn.commit()
-        assert count_jobs(pg_url) == BULK
+        assert count_jobs(pg_url) == BULK + 2
+        stored = {job.id: job for job in app.list_jobs()}
+        assert [job.id for job in many] == sorted(job.id or 0 for job in many)
+        for job in [*many, one, first]:
+            assert job.id in stored and stored[job.id].worker == job.worker
+            assert job.state is JobState.AVAILABLE and job.inserted_at is not None
+        assert again.conflict and again.id == first.id
     finally:
         app.engine.close_sync()
+
+
+async def test_async_insert_in_callers_pipeline_returns_ids(pg_url: str) -> None:
+    app = make_app(pg_url)
+    try:
+        async with await psycopg.AsyncConnection.connect(pg_url) as conn:
+            async with conn.pipeline():
+                one = await app.aenqueue(Job(worker="w.one"), conn=conn)
+                many = await app.aenqueue_many(bulk(), conn=conn)
+            await conn.commit()
+        ids = {job.id for job in app.list_jobs()}
+        assert one.id in ids and {job.id for job in many} <= ids and len(ids) == BULK + 1
+    finally:
+        await app.close()
 
 
 def test_only_tagged_jobs_are_in_the_tags_index_and_a_tag_filter_uses_it(pg_url: str) -> None:

@@ -573,6 +573,39 @@ def _returns_rows(cur: psycopg.Cursor[Any] | psycopg.AsyncCursor[Any]) -> bool:
     return result is not None and result.status == psycopg.pq.ExecStatus.TUPLES_OK
 
 
+def _no_rows(cur: psycopg.Cursor[Any] | psycopg.AsyncCursor[Any]) -> bool:
+    """After fetchall refused: True if the statement simply returned no rows."""
+    result = cur.pgresult
+    return result is not None and result.status == psycopg.pq.ExecStatus.COMMAND_OK
+
+
+def _fetch_rows(cur: psycopg.Cursor[Any]) -> list[Any]:
+    if _returns_rows(cur):
+        return cur.fetchall()
+    if cur.pgresult is not None:
+        return []
+    # Pipeline mode: the result comes only when the pipeline syncs, which fetching does.
+    try:
+        return cur.fetchall()
+    except psycopg.ProgrammingError:
+        if _no_rows(cur):
+            return []
+        raise
+
+
+async def _afetch_rows(cur: psycopg.AsyncCursor[Any]) -> list[Any]:
+    if _returns_rows(cur):
+        return await cur.fetchall()
+    if cur.pgresult is not None:
+        return []
+    try:  # as in `_fetch_rows`
+        return await cur.fetchall()
+    except psycopg.ProgrammingError:
+        if _no_rows(cur):
+            return []
+        raise
+
+
 def _run_sync(op: Op, conn: psycopg.Connection[Any]) -> Any:
     with contextlib.ExitStack() as transaction:
         try:
@@ -590,7 +623,7 @@ def _run_sync(op: Op, conn: psycopg.Connection[Any]) -> Any:
                     else:
                         with conn.cursor(row_factory=dict_row) as cur:
                             cur.execute(statement[0], statement[1])
-                            rows = cur.fetchall() if _returns_rows(cur) else []
+                            rows = _fetch_rows(cur)
                 except psycopg.Error as exc:
                     statement = op.throw(exc)
                     continue
@@ -616,7 +649,7 @@ async def _run_async(op: Op, conn: psycopg.AsyncConnection[Any]) -> Any:
                     else:
                         async with conn.cursor(row_factory=dict_row) as cur:
                             await cur.execute(statement[0], statement[1])
-                            rows = await cur.fetchall() if _returns_rows(cur) else []
+                            rows = await _afetch_rows(cur)
                 except psycopg.Error as exc:
                     statement = op.throw(exc)
                     continue
