@@ -438,6 +438,38 @@ def test_a_bad_job_in_a_bulk_insert_on_the_callers_connection_leaves_its_transac
         app.engine.close_sync()
 
 
+async def test_a_call_that_gets_no_pooled_connection_says_nothing_was_sent(pg_url: str) -> None:
+    app = make_app(pg_url)
+    await app.open()
+    engine = app.engine
+    assert isinstance(engine, PostgresEngine)
+    apool, spool = engine._async_pool(), engine._sync()
+    held_async = [await apool.getconn() for _ in range(apool.max_size)]
+    held_sync = [spool.getconn() for _ in range(spool.max_size)]
+    apool.timeout = spool.timeout = 0.2  # instead of 30 s
+    try:
+        with pytest.raises(koban.DatabaseUnavailableError, match=r"came free within 0\.2 s") as a:
+            await app.aenqueue(Job(worker="w.starved"))
+        with pytest.raises(koban.DatabaseUnavailableError, match="Nothing was sent") as s:
+            app.enqueue_many([Job(worker="w.starved", args={"i": i}) for i in range(BULK)])
+        with pytest.raises(koban.DatabaseUnavailableError, match="pooled connections were busy"):
+            await app.aget_job(1)
+        for raised, pool in ((a, apool), (s, spool)):
+            assert f"all {pool.max_size} of this process's" in str(raised.value)
+            assert "may or may not" not in str(raised.value)
+    finally:
+        for c in held_async:
+            await apool.putconn(c)
+        for c in held_sync:
+            spool.putconn(c)
+    try:
+        assert count_jobs(pg_url) == 0
+        assert (await app.aenqueue(Job(worker="w.fed"))).id is not None
+        assert app.enqueue(Job(worker="w.fed")).id is not None
+    finally:
+        await app.close()
+
+
 def lock_waiters(url: str) -> list[int]:
     """Sessions on the test database waiting for a lock."""
     rows = sql_rows(

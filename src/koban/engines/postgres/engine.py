@@ -823,21 +823,39 @@ class PostgresEngine(Engine):
         # Client calls check their connection first, so one the server closed while it sat
         # in the pool (a restart, a failover, pg_terminate_backend) is replaced instead of
         # failing the caller. The node's own statements skip the check: they retry anyway.
-        for tries_left in range(pool.max_size, -1, -1):
-            async with pool.connection() as c:
-                try:
-                    await AsyncConnectionPool.check_connection(c)
-                except psycopg.OperationalError as exc:
-                    if not tries_left:  # nothing was sent: say so, not "lost mid-call"
-                        raise self._unavailable(exc) from exc
-                    continue  # leaving the block hands the broken connection back: dropped
-                return await _run_async(op, c)
+        try:
+            for tries_left in range(pool.max_size, -1, -1):
+                async with pool.connection() as c:
+                    try:
+                        await AsyncConnectionPool.check_connection(c)
+                    except psycopg.OperationalError as exc:
+                        if not tries_left:  # nothing was sent: say so, not "lost mid-call"
+                            raise self._unavailable(exc) from exc
+                        continue  # leaving the block hands the broken connection back: dropped
+                    return await _run_async(op, c)
+        except PoolTimeout as exc:
+            raise self._pool_timeout(pool, exc) from exc
 
     def _exec(self, op: Op, conn: Any = None) -> Any:
         if conn is not None:
             return _run_sync(op, conn)
-        with self._sync().connection() as c:
-            return _run_sync(op, c)
+        pool = self._sync()
+        try:
+            with pool.connection() as c:
+                return _run_sync(op, c)
+        except PoolTimeout as exc:
+            raise self._pool_timeout(pool, exc) from exc
+
+    def _pool_timeout(
+        self, pool: ConnectionPool | AsyncConnectionPool, exc: PoolTimeout
+    ) -> DatabaseUnavailableError:
+        """No pooled connection came free in time: the call never reached the database."""
+        return DatabaseUnavailableError(
+            f"no connection to PostgreSQL at {redact(self.url)} came free within "
+            f"{pool.timeout:g} s: all {pool.max_size} of this process's pooled connections were "
+            "busy, or new ones could not connect. Nothing was sent; retry the call, and if "
+            "this persists check that the server is reachable and not at max_connections."
+        )
 
     # ----- schema ---------------------------------------------------------------------------
     @staticmethod
@@ -951,8 +969,6 @@ class PostgresEngine(Engine):
         insert may have committed."""
         try:
             yield
-        except PoolTimeout as exc:  # no connection was had: nothing was sent
-            raise self._unavailable(exc) from exc
         except psycopg.OperationalError as exc:
             if _connection_lost(exc):
                 raise self._insert_interrupted(jobs, exc) from exc
