@@ -212,6 +212,11 @@ def test_nodes_survive_a_postgres_restart(cluster: ChaosCluster, pg_url: str) ->
     started = time.monotonic()
     restart_postgres()
     wait_until(lambda: reachable(pg_url), timeout=60, what="PostgreSQL to accept connections")
-    wait_for_progress(pg_url, 100, "jobs to flow after the restart")
+    try:
+        wait_for_progress(pg_url, 100, "jobs to flow after the restart")
+    except AssertionError:
+        for name, text in cluster.logs().items():  # what the nodes saw, for the report
+            print(f"----- node {name} -----\n{text[-6000:]}")
+        raise
     print(f"restart and recovery took {time.monotonic() - started:.1f} s")
     assert_clean_run(cluster, pg_url, count, incidents=1)
