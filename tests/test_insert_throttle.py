@@ -3,6 +3,9 @@ sends a trailing notification. `send` records what would go to PostgreSQL."""
 
 from __future__ import annotations
 
+import os
+import select
+import signal
 import threading
 import time
 
@@ -152,4 +155,37 @@ def test_a_failing_send_does_not_stop_the_thread() -> None:
         insert(throttle, "q")
         wait_until(lambda: len(calls) == 2, timeout=5, what="the thread to send again")
     finally:
+        throttle.close()
+
+
+def test_a_forked_child_gets_a_fresh_lock_and_its_own_thread() -> None:
+    """A child forked while its parent held a queue inherits the hold but not the thread, and
+    may be forked while the thread holds the lock: it must not inherit the lock held."""
+    read, write = os.pipe()
+    sent = Sent()
+    throttle = InsertNotifyThrottle(sent, interval=0.5)
+    insert(throttle, "q")
+    insert(throttle, "q")  # held in the parent: the thread is running, a send is due
+    with throttle._cond:  # held across the fork, as the thread holds it at times
+        pid = os.fork()
+        if pid == 0:  # the child: report what its throttle sends, then leave at once
+            try:
+                insert(throttle, "child")
+                insert(throttle, "child")  # held in the child
+                deadline = time.monotonic() + 5
+                while "child" not in sent.queues() and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                os.write(write, b"ok" if "child" in sent.queues() else b"no")
+            finally:
+                os._exit(0)
+    os.close(write)
+    try:
+        ready, _, _ = select.select([read], [], [], 10)
+        if not ready:
+            os.kill(pid, signal.SIGKILL)
+        assert ready, "the forked child hung"
+        assert os.read(read, 2) == b"ok"
+    finally:
+        os.close(read)
+        os.waitpid(pid, 0)
         throttle.close()

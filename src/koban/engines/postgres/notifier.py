@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import inspect
 import json
 import logging
 import os
 import threading
 import time
+import weakref
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
@@ -116,7 +118,13 @@ class InsertNotifyThrottle:
         self._due: float | None = None  # when the trailing notification is sent
         self._cond = threading.Condition(threading.Lock())
         self._flusher: threading.Thread | None = None
-        self._flusher_pid = 0
+        # A child forked while the thread held the lock would inherit it locked, forever.
+        os.register_at_fork(after_in_child=functools.partial(_forked, weakref.ref(self)))
+
+    def _forked(self) -> None:
+        """In a forked child: a fresh lock; the thread was not inherited (the holds were)."""
+        self._cond = threading.Condition(threading.Lock())
+        self._flusher = None
 
     def claim(self, queues: Iterable[str]) -> Claim:
         """Decide, before an insert, which of its queues it notifies."""
@@ -145,15 +153,16 @@ class InsertNotifyThrottle:
                 self._held[queue] = self._holds
             if not self._held:
                 self._due = None
-            elif self._due is None:
+                return
+            if self._flusher is None:
+                # One thread for the process's life (started again after `close`, and in a
+                # forked child, which inherits the holds but not the thread).
+                self._flusher = threading.Thread(
+                    target=self._run, name="koban-insert-notify", daemon=True
+                )
+                self._flusher.start()
+            if self._due is None:
                 self._due = time.monotonic() + self.interval
-                if self._flusher is None or self._flusher_pid != os.getpid():
-                    # One thread for the process's life (started again in a forked child).
-                    self._flusher = threading.Thread(
-                        target=self._run, name="koban-insert-notify", daemon=True
-                    )
-                    self._flusher_pid = os.getpid()
-                    self._flusher.start()
                 self._cond.notify()
 
     def hold(self, queues: Iterable[str]) -> None:
@@ -210,3 +219,9 @@ class InsertNotifyThrottle:
 
 
 EMPTY_CLAIM = Claim([], {})
+
+
+def _forked(ref: weakref.ReferenceType[InsertNotifyThrottle]) -> None:
+    throttle = ref()
+    if throttle is not None:
+        throttle._forked()
