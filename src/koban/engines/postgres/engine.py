@@ -574,36 +574,32 @@ def _returns_rows(cur: psycopg.Cursor[Any] | psycopg.AsyncCursor[Any]) -> bool:
 
 
 def _no_rows(cur: psycopg.Cursor[Any] | psycopg.AsyncCursor[Any]) -> bool:
-    """After fetchall refused: True if the statement simply returned no rows."""
+    """Whether the statement's result is here and holds no rows (it returned none)."""
     result = cur.pgresult
     return result is not None and result.status == psycopg.pq.ExecStatus.COMMAND_OK
 
 
 def _fetch_rows(cur: psycopg.Cursor[Any]) -> list[Any]:
-    if _returns_rows(cur):
-        return cur.fetchall()
-    if cur.pgresult is not None:
-        return []
-    # Pipeline mode: the result comes only when the pipeline syncs, which fetching does.
-    try:
-        return cur.fetchall()
-    except psycopg.ProgrammingError:
-        if _no_rows(cur):
-            return []
-        raise
+    """The rows the statement returned. In pipeline mode its result is not here yet: fetching
+    syncs the pipeline, and is refused if the statement returned no rows after all."""
+    if not _no_rows(cur):
+        try:
+            return cur.fetchall()
+        except psycopg.ProgrammingError:
+            if not _no_rows(cur):
+                raise
+    return []
 
 
 async def _afetch_rows(cur: psycopg.AsyncCursor[Any]) -> list[Any]:
-    if _returns_rows(cur):
-        return await cur.fetchall()
-    if cur.pgresult is not None:
-        return []
-    try:  # as in `_fetch_rows`
-        return await cur.fetchall()
-    except psycopg.ProgrammingError:
-        if _no_rows(cur):
-            return []
-        raise
+    """Async twin of `_fetch_rows`."""
+    if not _no_rows(cur):
+        try:
+            return await cur.fetchall()
+        except psycopg.ProgrammingError:
+            if not _no_rows(cur):
+                raise
+    return []
 
 
 def _run_sync(op: Op, conn: psycopg.Connection[Any]) -> Any:
