@@ -17,7 +17,7 @@ from helpers import await_until, count_jobs, make_app, sql_rows, wait_for_state
 from koban import Job, JobState
 from koban.engines.base import JobFilter, NotificationHandler
 from koban.engines.postgres import PostgresEngine
-from koban.engines.postgres.engine import COPY_MIN_JOBS
+from koban.engines.postgres.engine import COPY_MIN_JOBS, _op_cancel, _op_estimate, _op_list
 from koban.engines.postgres.notifier import listen
 
 #: Nothing listens on port 1: every connection attempt is refused at once.
@@ -549,6 +549,69 @@ async def test_async_insert_in_callers_pipeline_returns_ids(pg_url: str) -> None
         assert one.id in ids and {job.id for job in many} <= ids and len(ids) == BULK + 1
     finally:
         await app.close()
+
+
+def _plan(conn: psycopg.Connection[Any], op: Any) -> str:
+    """The plan of the first statement a client operation sends, seq scans discouraged."""
+    query, params = next(op)
+    with conn.transaction():
+        conn.execute("SET LOCAL enable_seqscan = off")
+        return "\n".join(
+            r[0] for r in conn.execute(psycopg.sql.SQL("EXPLAIN {}").format(query), params)
+        )
+
+
+def test_listing_indexes_leave_out_executing_jobs_and_filters_still_use_them(
+    pg_url: str,
+) -> None:
+    app = make_app(pg_url)
+    try:
+        app.enqueue_many([Job(worker="w.common", args={"n": n}) for n in range(400)])
+        rare = app.enqueue_many([Job(worker="w.rare", queue="rare") for _ in range(4)])
+        with psycopg.connect(pg_url, autocommit=True) as conn:
+            conn.execute(
+                "UPDATE koban_jobs SET state = 'executing', attempt = 1, "
+                "attempted_by = ARRAY['node-1'], attempted_at = now() WHERE id = %s",
+                (rare[0].id,),
+            )
+            conn.execute(
+                "UPDATE koban_jobs SET state = 'completed', completed_at = now() "
+                "WHERE id % 5 = 0 AND queue = 'default'"
+            )
+            conn.execute("ANALYZE koban_jobs")
+            predicates = dict(
+                conn.execute(
+                    "SELECT indexrelid::regclass::text, pg_get_expr(indpred, indrelid) "
+                    "FROM pg_index WHERE indexrelid::regclass::text = ANY(%s)",
+                    (["koban_jobs_state_idx", "koban_jobs_queue_idx", "koban_jobs_worker_idx"],),
+                ).fetchall()
+            )
+            assert predicates == dict.fromkeys(
+                ["koban_jobs_state_idx", "koban_jobs_queue_idx", "koban_jobs_worker_idx"],
+                "(state <> 'executing'::text)",
+            )
+            # No executing job has an entry in the listing indexes.
+            [(entries,)] = conn.execute(
+                "SELECT count(*) FROM koban_jobs WHERE queue = 'rare' AND state <> 'executing'"
+            ).fetchall()
+            assert entries == 3
+
+            by_queue = _plan(conn, _op_list(JobFilter(queues=["rare"], limit=10)))
+            assert "koban_jobs_queue_idx" in by_queue and "koban_jobs_executing_idx" in by_queue
+            by_worker = _plan(conn, _op_list(JobFilter(workers=["w.rare"])))
+            assert "koban_jobs_worker_idx" in by_worker and "koban_jobs_executing_idx" in by_worker
+            by_state = _plan(conn, _op_list(JobFilter(states=["completed"], limit=10)))
+            assert "koban_jobs_state_idx" in by_state and "executing" not in by_state
+            cancel = _plan(conn, _op_cancel(JobFilter(queues=["rare"]), None))
+            assert "koban_jobs_queue_idx" in cancel and "koban_jobs_executing_idx" in cancel
+            count = _plan(conn, _op_estimate(JobFilter(queues=["rare"])))
+            assert "koban_jobs_queue_idx" in count and "koban_jobs_executing_idx" in count
+
+        listed = app.list_jobs(JobFilter(queues=["rare"]))
+        assert [j.id for j in listed] == [j.id for j in reversed(rare)]
+        assert listed[-1].state is JobState.EXECUTING
+    finally:
+        app.engine.close_sync()
 
 
 def test_only_tagged_jobs_are_in_the_tags_index_and_a_tag_filter_uses_it(pg_url: str) -> None:

@@ -192,3 +192,121 @@ async def test_cancelling_a_running_job_stops_it(app: koban.Koban) -> None:
 
     final = sql_rows(app.engine.url, "SELECT state FROM koban_jobs WHERE id = %s", [job.id])
     assert final == [("cancelled",)]
+
+
+# Each job's state in `every_state`, by its position; "executing" jobs are claimed by a fetch.
+_STATES = ["available", "scheduled", "executing", "retryable", "completed", "discarded"]
+
+
+async def every_state(app: koban.Koban, url: str) -> list[Job]:
+    """36 jobs over two queues and two workers, six in each state but cancelled and one of
+    each state cancelled. PostgreSQL's listing indexes leave executing jobs out, so filters
+    must find those another way."""
+    await app.open()
+    jobs = await app.aenqueue_many(
+        Job(worker=f"w.{'ab'[n % 2]}", queue=f"q{n % 3 % 2 + 1}", args={"n": n}) for n in range(36)
+    )
+    executing = [j.id for n, j in enumerate(jobs) if _STATES[n % 6] == "executing"]
+    sql_rows(url, "UPDATE koban_jobs SET queue = 'hold'")
+    sql_rows(
+        url, f"UPDATE koban_jobs SET queue = 'run' WHERE id IN ({','.join(map(str, executing))})"
+    )
+    claimed = await app.engine.fetch("run", 100, "node-1", "p")
+    assert sorted(j.id for j in claimed) == sorted(executing)
+    for n, job in enumerate(jobs):
+        state = "cancelled" if n % 7 == 6 and _STATES[n % 6] != "executing" else _STATES[n % 6]
+        queue, worker = f"q{n % 3 % 2 + 1}", f"w.{'ab'[n % 2]}"
+        sql_rows(
+            url,
+            "UPDATE koban_jobs SET state = %s, queue = %s WHERE id = %s AND worker = %s",
+            (state, queue, job.id, worker),
+        )
+    return jobs
+
+
+def stored(url: str) -> list[tuple[int, str, str, str]]:
+    """(id, state, queue, worker) of every job, read outside koban, newest first."""
+    rows = sql_rows(url, "SELECT id, state, queue, worker FROM koban_jobs ORDER BY id DESC")
+    return [(int(r[0]), str(r[1]), str(r[2]), str(r[3])) for r in rows]
+
+
+FILTERS = [
+    JobFilter(),
+    JobFilter(queues=["q1"]),
+    JobFilter(queues=["q2"], limit=4),
+    JobFilter(workers=["w.b"]),
+    JobFilter(queues=["q1"], workers=["w.a"]),
+    JobFilter(states=["executing"]),
+    JobFilter(states=["executing", "completed"], queues=["q2"]),
+    JobFilter(states=["available", "scheduled", "retryable"], workers=["w.a"]),
+    JobFilter(states=["executing", "available"], limit=3),
+    JobFilter(queues=["q1"], limit=2),
+]
+
+
+def expected(rows: list[tuple[int, str, str, str]], flt: JobFilter, allowed: set[str]) -> list[int]:
+    """The ids a filter selects among `allowed` states, newest first, from stored rows."""
+    out = [
+        i
+        for i, state, queue, worker in rows
+        if state in allowed
+        and (not flt.states or state in {str(s) for s in flt.states})
+        and (not flt.queues or queue in flt.queues)
+        and (not flt.workers or worker in flt.workers)
+        and (flt.before_id is None or i < flt.before_id)
+    ]
+    return out
+
+
+ALL = {str(s) for s in JobState}
+
+
+async def test_list_and_count_find_jobs_in_every_state(apps: AppFactory, db_url: str) -> None:
+    app = apps()
+    await every_state(app, db_url)
+    rows = stored(db_url)
+    assert {state for _, state, _, _ in rows} == ALL
+    for flt in FILTERS:
+        want = expected(rows, flt, ALL)
+        got = ids(await app.alist_jobs(flt))
+        assert got == want[: flt.limit or None], flt
+        assert await app.engine.estimate_jobs(flt) == (len(want), True), flt
+    # Keyset pages through a queue, across its executing jobs.
+    pages: list[int] = []
+    before: int | None = None
+    while page := await app.alist_jobs(queues=["q1"], limit=4, before_id=before):
+        pages += ids(page)
+        before = page[-1].id
+    assert pages == expected(rows, JobFilter(queues=["q1"]), ALL)
+
+
+async def test_bulk_actions_reach_jobs_in_every_state_they_allow(
+    apps: AppFactory, db_url: str
+) -> None:
+    unfinished = {"available", "scheduled", "executing", "retryable"}
+    for action, allowed in [
+        ("cancel", unfinished),
+        ("retry", ALL - {"executing", "available"}),
+        ("delete", ALL - {"executing"}),
+    ]:
+        for flt in [JobFilter(queues=["q1"]), JobFilter(workers=["w.a"], limit=3)]:
+            app = apps()
+            await every_state(app, db_url)
+            before = stored(db_url)
+            want = sorted(expected(before, flt, allowed))[: flt.limit or None]
+            if action == "cancel":
+                done = sorted(ids(await app.acancel_jobs(flt)))
+            elif action == "retry":
+                done = sorted(ids(await app.aretry_jobs(flt)))
+            else:
+                done = await app.adelete_jobs(flt)
+            assert done == want, (action, flt)
+            after = {i: state for i, state, _, _ in stored(db_url)}
+            for i, state, _, _ in before:
+                if i not in want:
+                    assert after.get(i) == state, (action, flt, i)
+            for i in want:
+                new = {"cancel": "cancelled", "retry": "available", "delete": None}[action]
+                assert after.get(i) == new, (action, flt, i)
+            await app.close()
+            sql_rows(db_url, "DELETE FROM koban_jobs")

@@ -453,15 +453,13 @@ def _replace_params(job_id: int, job: Job, now: datetime | None) -> dict[str, An
 
 
 def _where(flt: JobFilter) -> tuple[sql.Composable, dict[str, Any]]:
-    """A WHERE clause for a filter, every value a bound parameter."""
+    """A WHERE clause for a filter's fields other than its states, every value a bound
+    parameter. `_branches` adds the states."""
     parts: list[sql.Composable] = [sql.SQL("true")]
     params: dict[str, Any] = {}
     if flt.ids is not None:
         parts.append(sql.SQL("id = ANY(%(ids)s::bigint[])"))
         params["ids"] = list(flt.ids)
-    if flt.states:
-        parts.append(sql.SQL("state = ANY(%(states)s::text[])"))
-        params["states"] = [str(JobState(s)) for s in flt.states]
     if flt.queues:
         parts.append(sql.SQL("queue = ANY(%(queues)s::text[])"))
         params["queues"] = list(flt.queues)
@@ -487,15 +485,66 @@ def _where(flt: JobFilter) -> tuple[sql.Composable, dict[str, Any]]:
     return sql.SQL(" AND ").join(parts), params
 
 
+_ALL_STATES: Final = frozenset(str(s) for s in JobState)
+_EXECUTING: Final = str(JobState.EXECUTING)
+
+
+def _states_sql(states: frozenset[str]) -> sql.Composable:
+    """`states` as literals, so the planner can prove the listing indexes' predicate."""
+    if states == _ALL_STATES - {_EXECUTING}:
+        return sql.SQL("state <> 'executing'")
+    return sql.SQL("state IN ({})").format(
+        sql.SQL(", ").join(sql.Literal(s) for s in sorted(states))
+    )
+
+
+def _branches(
+    flt: JobFilter, allowed: frozenset[str] = _ALL_STATES
+) -> tuple[list[sql.Composable], dict[str, Any]]:
+    """WHERE clauses whose union is the filter's jobs among the `allowed` states.
+
+    The listing indexes hold no executing jobs (migration 4), so a filter that spans executing
+    and other states is split in two: the other states, which those indexes serve, and the
+    executing jobs, which koban_jobs_executing_idx holds and which are few. No clause when no
+    state is left.
+    """
+    where, params = _where(flt)
+    states = allowed
+    if flt.states:
+        states = allowed & frozenset(str(JobState(s)) for s in flt.states)
+    out: list[sql.Composable] = []
+    if states - {_EXECUTING}:
+        out.append(sql.SQL("{} AND {}").format(where, _states_sql(states - {_EXECUTING})))
+    if _EXECUTING in states:
+        out.append(sql.SQL("{} AND state = 'executing'").format(where))
+    return out, params
+
+
+def _matching(
+    flt: JobFilter, columns: str, allowed: frozenset[str] = _ALL_STATES, order: str = ""
+) -> tuple[sql.Composed, dict[str, Any]]:
+    """A SELECT of `columns` of the filter's jobs among `allowed`, ordered by id when `order`
+    ("ASC" or "DESC") and cut at the filter's limit. Selects nothing when no state is left."""
+    branches, params = _branches(flt, allowed)
+    if not branches:
+        return sql.SQL("SELECT {} FROM koban_jobs WHERE false").format(sql.SQL(columns)), params
+    selects = [
+        sql.SQL("SELECT {} FROM koban_jobs WHERE {}").format(sql.SQL(columns), b) for b in branches
+    ]
+    query = sql.SQL(" UNION ALL ").join(selects)
+    if len(selects) > 1:
+        query = sql.SQL("SELECT * FROM ({}) AS m").format(query)
+    if order:
+        query = sql.SQL("{} ORDER BY id {}").format(query, sql.SQL(order))
+    return sql.SQL("{}{}").format(query, _limit(flt)), params
+
+
 def _limit(flt: JobFilter) -> sql.Composable:
     return sql.SQL(" LIMIT {}").format(sql.Literal(int(flt.limit))) if flt.limit else sql.SQL("")
 
 
 def _op_list(flt: JobFilter) -> Op:
-    where, params = _where(flt)
-    query = sql.SQL("SELECT * FROM koban_jobs WHERE {} ORDER BY id DESC{}").format(
-        where, _limit(flt)
-    )
+    query, params = _matching(flt, "*", order="DESC")
     rows = yield query, params
     return [row_to_job(r) for r in rows]
 
@@ -505,41 +554,60 @@ def _op_get(job_id: int) -> Op:
     return row_to_job(rows[0]) if rows else None
 
 
-_UNFINISHED = [str(s) for s in JobState if s not in FINISHED_STATES]
+def _locked(flt: JobFilter, allowed: frozenset[str]) -> tuple[sql.Composed, dict[str, Any]]:
+    """A SELECT of the ids of the filter's jobs among `allowed`, lowest first, up to its limit,
+    locking each row. Locking in id order keeps two bulk actions from deadlocking; the states
+    are checked again on the locked row, so a job that moved on meanwhile is left out."""
+    branches, params = _branches(flt, allowed)
+    if not branches:
+        return sql.Composed([sql.SQL("SELECT id FROM koban_jobs WHERE false")]), params
+    if len(branches) == 1:
+        query = sql.SQL("SELECT id FROM koban_jobs WHERE {} ORDER BY id{} FOR UPDATE").format(
+            branches[0], _limit(flt)
+        )
+        return query, params
+    # FOR UPDATE cannot lock through a UNION: pick the ids first, then lock those rows.
+    ids, params = _matching(flt, "id", allowed, order="ASC" if flt.limit else "")
+    where, _ = _where(flt)
+    states = allowed & frozenset(str(JobState(s)) for s in flt.states) if flt.states else allowed
+    query = sql.SQL(
+        "SELECT id FROM koban_jobs WHERE id IN ({}) AND {} AND {} ORDER BY id FOR UPDATE"
+    ).format(ids, where, _states_sql(states))
+    return query, params
+
+
+_UNFINISHED: Final = frozenset(str(s) for s in JobState if s not in FINISHED_STATES)
+_RETRIABLE: Final = _ALL_STATES - {_EXECUTING, str(JobState.AVAILABLE)}
+_DELETABLE: Final = _ALL_STATES - {_EXECUTING}
 
 
 def _op_cancel(flt: JobFilter, now: datetime | None) -> Op:
-    where, params = _where(flt)
+    locked, params = _locked(flt, _UNFINISHED)
     query = sql.SQL(
         "UPDATE koban_jobs SET state = 'cancelled', "
         "cancelled_at = coalesce(%(now)s::timestamptz, now()) "
-        "WHERE id IN (SELECT id FROM koban_jobs WHERE {} AND state = ANY(%(unfinished)s) "
-        "ORDER BY id{} FOR UPDATE) RETURNING *"
-    ).format(where, _limit(flt))
-    rows = yield query, {**params, "now": now, "unfinished": _UNFINISHED}
+        "WHERE id IN ({}) RETURNING *"
+    ).format(locked)
+    rows = yield query, {**params, "now": now}
     return [row_to_job(r) for r in rows]
 
 
 def _op_retry(flt: JobFilter, now: datetime | None) -> Op:
-    where, params = _where(flt)
+    locked, params = _locked(flt, _RETRIABLE)
     query = sql.SQL(
         "UPDATE koban_jobs SET state = 'available', "
         "scheduled_at = coalesce(%(now)s::timestamptz, now()), "
         "max_attempts = greatest(max_attempts, attempt + 1), "
         "completed_at = NULL, cancelled_at = NULL, discarded_at = NULL "
-        "WHERE id IN (SELECT id FROM koban_jobs WHERE {} "
-        "AND state NOT IN ('executing', 'available') ORDER BY id{} FOR UPDATE) RETURNING *"
-    ).format(where, _limit(flt))
+        "WHERE id IN ({}) RETURNING *"
+    ).format(locked)
     rows = yield query, {**params, "now": now}
     return [row_to_job(r) for r in rows]
 
 
 def _op_delete(flt: JobFilter) -> Op:
-    where, params = _where(flt)
-    query = sql.SQL(
-        "DELETE FROM koban_jobs WHERE id IN (SELECT id FROM koban_jobs WHERE {} "
-        "AND state <> 'executing' ORDER BY id{} FOR UPDATE) RETURNING id"
-    ).format(where, _limit(flt))
+    locked, params = _locked(flt, _DELETABLE)
+    query = sql.SQL("DELETE FROM koban_jobs WHERE id IN ({}) RETURNING id").format(locked)
     rows = yield query, params
     return sorted(r["id"] for r in rows)
 
@@ -549,14 +617,14 @@ EXACT_COUNT_LIMIT = 10_000
 
 
 def _op_estimate(flt: JobFilter) -> Op:
-    where, params = _where(dataclasses.replace(flt, before_id=None, limit=None))
-    capped = sql.SQL("SELECT count(*) AS n FROM (SELECT 1 FROM koban_jobs WHERE {} LIMIT {}) AS m")
-    counted = yield capped.format(where, sql.Literal(EXACT_COUNT_LIMIT + 1)), params
+    everything = dataclasses.replace(flt, before_id=None, limit=None)
+    capped, params = _matching(dataclasses.replace(everything, limit=EXACT_COUNT_LIMIT + 1), "1")
+    counted = yield sql.SQL("SELECT count(*) AS n FROM ({}) AS c").format(capped), params
     n = int(counted[0]["n"])
     if n <= EXACT_COUNT_LIMIT:
         return n, True
-    explain = sql.SQL("EXPLAIN (FORMAT JSON) SELECT 1 FROM koban_jobs WHERE {}")
-    plan = yield explain.format(where), params
+    matching, params = _matching(everything, "1")
+    plan = yield sql.SQL("EXPLAIN (FORMAT JSON) {}").format(matching), params
     estimate = int(plan[0]["QUERY PLAN"][0]["Plan"]["Plan Rows"])
     return max(estimate, n), False
 
