@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -13,7 +14,7 @@ import psycopg
 import pytest
 
 import koban
-from helpers import await_until, count_jobs, make_app, sql_rows, wait_for_state
+from helpers import await_until, count_jobs, make_app, sql_rows, wait_for_state, wait_until
 from koban import Job, JobState
 from koban.engines.base import JobFilter, NotificationHandler
 from koban.engines.postgres import PostgresEngine
@@ -602,6 +603,9 @@ def test_listing_indexes_leave_out_executing_jobs_and_filters_still_use_them(
             assert "koban_jobs_worker_idx" in by_worker and "koban_jobs_executing_idx" in by_worker
             by_state = _plan(conn, _op_list(JobFilter(states=["completed"], limit=10)))
             assert "koban_jobs_state_idx" in by_state and "executing" not in by_state
+            # A limited list reads each branch in id order and stops: no sort of every match.
+            for flt in [JobFilter(limit=51), JobFilter(queues=["default"], limit=5)]:
+                assert "Merge Append" in _plan(conn, _op_list(flt)), flt
             cancel = _plan(conn, _op_cancel(JobFilter(queues=["rare"]), None))
             assert "koban_jobs_queue_idx" in cancel and "koban_jobs_executing_idx" in cancel
             count = _plan(conn, _op_estimate(JobFilter(queues=["rare"])))
@@ -610,6 +614,44 @@ def test_listing_indexes_leave_out_executing_jobs_and_filters_still_use_them(
         listed = app.list_jobs(JobFilter(queues=["rare"]))
         assert [j.id for j in listed] == [j.id for j in reversed(rare)]
         assert listed[-1].state is JobState.EXECUTING
+    finally:
+        app.engine.close_sync()
+
+
+def test_a_limited_cancel_takes_the_next_job_when_a_locked_one_moved_on(pg_url: str) -> None:
+    """The limit applies to the rows still matching once locked, as FOR UPDATE ... LIMIT does,
+    also when the filter spans executing jobs and other states."""
+    app = make_app(pg_url)
+    try:
+        first, second, running = app.enqueue_many(
+            [Job(worker="w.cc", queue="cc") for _ in range(3)]
+        )
+        sql_rows(
+            pg_url,
+            "UPDATE koban_jobs SET state = 'executing', attempt = 1, attempted_by = "
+            "ARRAY['node-1'], attempted_at = now() WHERE id = %s",
+            (running.id,),
+        )
+        result: list[list[Job]] = []
+        with psycopg.connect(pg_url) as other:
+            other.execute(
+                "UPDATE koban_jobs SET state = 'completed', completed_at = now() WHERE id = %s",
+                (first.id,),
+            )
+            cancel = threading.Thread(
+                target=lambda: result.append(app.cancel_jobs(JobFilter(queues=["cc"], limit=1)))
+            )
+            cancel.start()
+            waiting = "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+            assert wait_until(lambda: sql_rows(pg_url, waiting)[0][0] >= 1, 10)
+            other.commit()
+            cancel.join(10)
+        assert [[j.id for j in jobs] for jobs in result] == [[second.id]]
+        assert [j.state for j in app.list_jobs(JobFilter(queues=["cc"]))] == [
+            JobState.EXECUTING,
+            JobState.CANCELLED,
+            JobState.COMPLETED,
+        ]
     finally:
         app.engine.close_sync()
 

@@ -500,43 +500,51 @@ def _states_sql(states: frozenset[str]) -> sql.Composable:
 
 def _branches(
     flt: JobFilter, allowed: frozenset[str] = _ALL_STATES
-) -> tuple[list[sql.Composable], dict[str, Any]]:
-    """WHERE clauses whose union is the filter's jobs among the `allowed` states.
+) -> tuple[sql.Composable, list[sql.Composable], dict[str, Any]]:
+    """The filter's WHERE clause without its states, and the state conditions whose union is
+    the filter's states among `allowed`, one per index path.
 
-    The listing indexes hold no executing jobs (migration 4), so a filter that spans executing
-    and other states is split in two: the other states, which those indexes serve, and the
-    executing jobs, which koban_jobs_executing_idx holds and which are few. No clause when no
-    state is left.
+    The listing indexes hold no executing jobs (migration 4), so states that span executing
+    and others give two conditions: the other states, which those indexes serve, and
+    `state = 'executing'`, which koban_jobs_executing_idx serves (executing jobs are few). No
+    condition when no state is left.
     """
     where, params = _where(flt)
     states = allowed
     if flt.states:
         states = allowed & frozenset(str(JobState(s)) for s in flt.states)
-    out: list[sql.Composable] = []
+    conds: list[sql.Composable] = []
     if states - {_EXECUTING}:
-        out.append(sql.SQL("{} AND {}").format(where, _states_sql(states - {_EXECUTING})))
+        conds.append(_states_sql(states - {_EXECUTING}))
     if _EXECUTING in states:
-        out.append(sql.SQL("{} AND state = 'executing'").format(where))
-    return out, params
+        conds.append(sql.SQL("state = 'executing'"))
+    return where, conds, params
 
 
 def _matching(
     flt: JobFilter, columns: str, allowed: frozenset[str] = _ALL_STATES, order: str = ""
 ) -> tuple[sql.Composed, dict[str, Any]]:
     """A SELECT of `columns` of the filter's jobs among `allowed`, ordered by id when `order`
-    ("ASC" or "DESC") and cut at the filter's limit. Selects nothing when no state is left."""
-    branches, params = _branches(flt, allowed)
-    if not branches:
+    ("ASC" or "DESC") and cut at the filter's limit. Selects nothing when no state is left.
+
+    Two state conditions become a UNION ALL of one SELECT each. Ordered and limited, each
+    branch is ordered and limited too: the planner does not push an outer ORDER BY ... LIMIT
+    into the branches, and would otherwise read every matching row to sort them.
+    """
+    where, conds, params = _branches(flt, allowed)
+    if not conds:
         return sql.SQL("SELECT {} FROM koban_jobs WHERE false").format(sql.SQL(columns)), params
+    ordered = sql.SQL(" ORDER BY id {}").format(sql.SQL(order)) if order else sql.SQL("")
+    tail = sql.SQL("{}{}").format(ordered, _limit(flt))
     selects = [
-        sql.SQL("SELECT {} FROM koban_jobs WHERE {}").format(sql.SQL(columns), b) for b in branches
+        sql.SQL("SELECT {} FROM koban_jobs WHERE {} AND {}").format(sql.SQL(columns), where, c)
+        for c in conds
     ]
-    query = sql.SQL(" UNION ALL ").join(selects)
-    if len(selects) > 1:
-        query = sql.SQL("SELECT * FROM ({}) AS m").format(query)
-    if order:
-        query = sql.SQL("{} ORDER BY id {}").format(query, sql.SQL(order))
-    return sql.SQL("{}{}").format(query, _limit(flt)), params
+    if len(selects) == 1:
+        return sql.SQL("{}{}").format(selects[0], tail), params
+    inner = tail if order and flt.limit else sql.SQL("")
+    branches = sql.SQL(" UNION ALL ").join(sql.SQL("({}{})").format(b, inner) for b in selects)
+    return sql.SQL("SELECT * FROM ({}) AS m{}").format(branches, tail), params
 
 
 def _limit(flt: JobFilter) -> sql.Composable:
@@ -556,23 +564,20 @@ def _op_get(job_id: int) -> Op:
 
 def _locked(flt: JobFilter, allowed: frozenset[str]) -> tuple[sql.Composed, dict[str, Any]]:
     """A SELECT of the ids of the filter's jobs among `allowed`, lowest first, up to its limit,
-    locking each row. Locking in id order keeps two bulk actions from deadlocking; the states
-    are checked again on the locked row, so a job that moved on meanwhile is left out."""
-    branches, params = _branches(flt, allowed)
-    if not branches:
+    locking each row.
+
+    Locking in id order keeps two bulk actions from deadlocking. The limit applies above the
+    lock, so a row that no longer matches once locked (it finished, moved or went meanwhile)
+    is skipped and the next one taken. FOR UPDATE cannot lock through a UNION: two state
+    conditions are ORed instead, which the planner serves with a BitmapOr of the two indexes.
+    """
+    where, conds, params = _branches(flt, allowed)
+    if not conds:
         return sql.Composed([sql.SQL("SELECT id FROM koban_jobs WHERE false")]), params
-    if len(branches) == 1:
-        query = sql.SQL("SELECT id FROM koban_jobs WHERE {} ORDER BY id{} FOR UPDATE").format(
-            branches[0], _limit(flt)
-        )
-        return query, params
-    # FOR UPDATE cannot lock through a UNION: pick the ids first, then lock those rows.
-    ids, params = _matching(flt, "id", allowed, order="ASC" if flt.limit else "")
-    where, _ = _where(flt)
-    states = allowed & frozenset(str(JobState(s)) for s in flt.states) if flt.states else allowed
-    query = sql.SQL(
-        "SELECT id FROM koban_jobs WHERE id IN ({}) AND {} AND {} ORDER BY id FOR UPDATE"
-    ).format(ids, where, _states_sql(states))
+    states = conds[0] if len(conds) == 1 else sql.SQL("({})").format(sql.SQL(" OR ").join(conds))
+    query = sql.SQL("SELECT id FROM koban_jobs WHERE {} AND {} ORDER BY id{} FOR UPDATE").format(
+        where, states, _limit(flt)
+    )
     return query, params
 
 

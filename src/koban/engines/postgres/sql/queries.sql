@@ -290,10 +290,11 @@ RETURNING j.*;
 
 -- name: prune_jobs
 -- Delete up to %(limit)s jobs of one finished state that finished before the cutoff, oldest
--- first (koban_jobs_finished_idx serves it).
+-- first (koban_jobs_finished_idx serves it). The literal states let a generic plan of this
+-- statement prove that index's predicate too.
 WITH doomed AS (
     SELECT id FROM koban_jobs
-    WHERE state = %(state)s
+    WHERE state = %(state)s AND state IN ('completed', 'cancelled', 'discarded')
       AND (CASE state WHEN 'completed' THEN completed_at WHEN 'cancelled' THEN cancelled_at
            ELSE discarded_at END)
           < coalesce(%(now)s::timestamptz, now()) - make_interval(secs => %(max_age)s)
