@@ -52,6 +52,8 @@ PEER_PACKAGES: dict[str, list[str]] = {
     "oban": ["oban==0.7.0"],
     "celery": ["celery[redis]==5.7.0", "hiredis==3.5.0"],
     "report": ["matplotlib==3.11.2"],
+    # Not a peer: the sampling profiler that bench/profile.py runs the node under.
+    "profile": ["py-spy==0.4.3"],
 }
 #: The peers that need a newer Python than koban's virtualenv.
 NEEDS_PY312 = {"oban"}

@@ -1,0 +1,202 @@
+"""Where a koban node's time goes in the burn-down: a py-spy profile of the node alone.
+
+    .venv/bin/python bench/profile.py                      # 100,000 jobs, bench/results/profile/
+    .venv/bin/python bench/profile.py --jobs 20000 --out /tmp/profile
+
+The jobs are enqueued in bulk and the table analyzed first, in this process, as the burn-down
+workload does (untimed). Then a node, in a process of its own, runs until every job has an
+outcome, while py-spy samples it, idle time included: a thread waiting on the database shows as
+its wait. Written to --out:
+
+- `burndown.collapsed`: every sampled stack with its count, one per line (the "collapsed"
+  format that speedscope and flamegraph tools read);
+- `burndown.md`: the node's wall time split into what it waited on and what it computed, and
+  the frames with the most samples, inclusive and self.
+
+py-spy comes from PyPI into bench/.envs/profile (pinned in run.py, `PEER_PACKAGES`). It reads
+another process's memory: as root, or with ptrace allowed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH))
+
+import psycopg  # noqa: E402
+from run import PEER_PACKAGES, ensure_database, ensure_env, log  # noqa: E402
+
+import koban  # noqa: E402
+
+#: The node's queue and slots, as the burn-down workload runs koban (run.py --slots).
+SLOTS = 100
+
+#: Buckets for the wall-time split, first match wins: (label, a frame's text contains any of).
+BUCKETS: list[tuple[str, tuple[str, ...]]] = [
+    ("waiting: event loop idle (select), nothing ready", ("select (selectors.py",)),
+    ("waiting: other threads (pool workers, timers) asleep", ("wait (threading.py",)),
+    ("fetch: claim statement and its rows", ("PostgresEngine.fetch ",)),
+    ("ack: outcome statements (Acker)", ("Acker.",)),
+    ("running jobs (tasks, Executor, telemetry)", ("Producer._execute", "Producer._start")),
+    ("node plugins (heartbeat, stager, leadership, ...)", ("koban/plugins/", "runtime/node.py")),
+]
+
+
+def app(dsn: str) -> tuple[koban.Koban, koban.Worker]:
+    node = koban.Koban(dsn, queues={"default": SLOTS}, shutdown_grace=5.0)
+
+    async def noop(job: koban.Job) -> None:
+        return None
+
+    noop.__qualname__ = "noop"
+    return node, node.worker(queue="default", max_attempts=3)(noop)
+
+
+async def prepare(dsn: str, jobs: int) -> None:
+    node, worker = app(dsn)
+    try:
+        await asyncio.to_thread(node.migrate)
+        async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+            await conn.execute("TRUNCATE koban_jobs, koban_nodes, koban_leader, koban_queues")
+        for start in range(0, jobs, 5000):
+            await node.aenqueue_many(
+                worker.new({"i": i}) for i in range(start, min(jobs, start + 5000))
+            )
+        async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+            await conn.execute("ANALYZE koban_jobs")
+    finally:
+        await node.close()
+
+
+async def run_node(dsn: str) -> None:
+    """The profiled process: one node, until no job is left unfinished."""
+    node, _worker = app(dsn)
+    t0 = time.perf_counter()
+    await node.start()
+    try:
+        async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+            while True:
+                await asyncio.sleep(0.05)
+                cur = await conn.execute(
+                    "SELECT (SELECT count(*) FROM koban_jobs WHERE state IN "
+                    "('available', 'scheduled', 'retryable')) + (SELECT count(*) FROM koban_jobs "
+                    "WHERE state = 'executing')"
+                )
+                row = await cur.fetchone()
+                if row and row[0] == 0:
+                    break
+    finally:
+        await node.stop()
+        await node.close()
+    print(f"node: {time.perf_counter() - t0:.2f} s", flush=True)
+
+
+def frame_name(frame: str) -> str:
+    """`func (path/file.py:12)` -> `func (file.py)`: lines merged, paths shortened."""
+    name, _, where = frame.partition(" (")
+    file = where.rsplit(":", 1)[0].rsplit("/", 1)[-1] if where else ""
+    return f"{name} ({file})" if file else name
+
+
+def summarize(collapsed: Path, jobs: int, seconds: float, command: str) -> str:
+    stacks: list[tuple[list[str], int]] = []
+    for line in collapsed.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if stack and count.isdigit():
+            stacks.append((stack.split(";"), int(count)))
+    total = sum(n for _, n in stacks) or 1
+    buckets: collections.Counter[str] = collections.Counter()
+    inclusive: collections.Counter[str] = collections.Counter()
+    own: collections.Counter[str] = collections.Counter()
+    for frames, n in stacks:
+        text = ";".join(frames)
+        label = next(
+            (lb for lb, needles in BUCKETS if any(x in text for x in needles)),
+            "other (start-up imports, shutdown, …)",
+        )
+        buckets[label] += n
+        frames = [f for f in frames if not f.startswith(("thread (", "process ("))] or frames
+        for name in {frame_name(f) for f in frames}:
+            inclusive[name] += n
+        own[frame_name(frames[-1])] += n
+    lines = [
+        "# Where a koban node's time goes in the burn-down (py-spy, idle included)",
+        "",
+        f"`{command}`: {jobs:,} no-op jobs, one node, {SLOTS} slots; the node ran {seconds:.2f} s "
+        f"({jobs / seconds:,.0f} jobs/s under the profiler, which slows it). {total:,} samples "
+        "of every thread of the node's process, idle ones included.",
+        "",
+        "| share of samples | what |",
+        "|---:|---|",
+        *(f"| {100 * n / total:.1f}% | {label} |" for label, n in buckets.most_common()),
+        "",
+        "## Frames with the most samples, inclusive",
+        "",
+        *(f"- {100 * n / total:.1f}% `{name}`" for name, n in inclusive.most_common(40)),
+        "",
+        "## Frames with the most samples, self",
+        "",
+        *(f"- {100 * n / total:.1f}% `{name}`" for name, n in own.most_common(20)),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--jobs", type=int, default=100_000)
+    p.add_argument("--rate", type=int, default=250, help="py-spy samples per second")
+    p.add_argument(
+        "--database",
+        default=os.environ.get(
+            "BENCH_DATABASE_URL", "postgresql://root@127.0.0.1:5432/koban_bench"
+        ),
+    )
+    p.add_argument("--out", default=str(BENCH / "results" / "profile"))
+    p.add_argument("--node", action="store_true", help=argparse.SUPPRESS)
+    ns = p.parse_args(argv)
+    if ns.node:
+        asyncio.run(run_node(ns.database))
+        return 0
+
+    out = Path(ns.out)
+    out.mkdir(parents=True, exist_ok=True)
+    assert "profile" in PEER_PACKAGES
+    spy = ensure_env("profile", sys.executable).parent / "py-spy"
+    ensure_database(ns.database)
+    log(f"enqueueing {ns.jobs:,} jobs")
+    asyncio.run(prepare(ns.database, ns.jobs))
+    collapsed = out / "burndown.collapsed"
+    cmd = [
+        str(spy), "record", "--idle", "--rate", str(ns.rate), "--format", "raw",
+        "--output", str(collapsed), "--",
+        sys.executable, __file__, "--node", "--database", ns.database,
+    ]  # fmt: skip
+    log("running the node under py-spy")
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    seconds = time.perf_counter() - t0
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stdout + proc.stderr)
+        return proc.returncode
+    reported = [ln for ln in proc.stdout.splitlines() if ln.startswith("node: ")]
+    if reported:
+        seconds = float(reported[-1].split()[1])
+    command = " ".join(["bench/profile.py", *(argv if argv is not None else sys.argv[1:])])
+    (out / "burndown.md").write_text(summarize(collapsed, ns.jobs, seconds, command))
+    log(f"wrote {collapsed} and {out / 'burndown.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
