@@ -222,17 +222,17 @@ async def measure_latency(dsn: str, count: int, rate: float) -> dict[str, list[f
         notified.append(time.time())
         on_notification(self, channel, payload)
 
-    Node._on_notification = record_notification  # type: ignore[method-assign]
+    Node._on_notification = record_notification
     fetch = node.engine.fetch
 
     async def record_fetch(*args: object, **kwargs: object) -> list[koban.Job]:
         sent = time.time()
-        jobs = await fetch(*args, **kwargs)  # type: ignore[arg-type]
+        jobs = await fetch(*args, **kwargs)
         if jobs:
             fetches.append((sent, time.time(), [int(j.args.get("i", -1)) for j in jobs]))
         return jobs
 
-    node.engine.fetch = record_fetch  # type: ignore[method-assign]
+    node.engine.fetch = record_fetch
     try:
         await node.start()
         await asyncio.sleep(1.0)  # connected and listening
@@ -243,7 +243,7 @@ async def measure_latency(dsn: str, count: int, rate: float) -> dict[str, list[f
         out, _ = await sender.communicate()
         await asyncio.wait_for(done.wait(), 30)
     finally:
-        Node._on_notification = on_notification  # type: ignore[method-assign]
+        Node._on_notification = on_notification
         await node.stop()
         await node.close()
     sent = {i: (before, after) for i, before, after in json.loads(out.decode().splitlines()[-1])}
