@@ -4,6 +4,7 @@ bulk inserts by COPY."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -16,9 +17,16 @@ import pytest
 import koban
 from helpers import await_until, count_jobs, make_app, sql_rows, wait_for_state, wait_until
 from koban import Job, JobState
-from koban.engines.base import JobFilter, NotificationHandler
+from koban.engines.base import JobFilter, NodeInfo, NotificationHandler
 from koban.engines.postgres import PostgresEngine
-from koban.engines.postgres.engine import COPY_MIN_JOBS, _op_cancel, _op_estimate, _op_list
+from koban.engines.postgres.engine import (
+    _NODE_REGISTRY_LOCK,
+    COPY_MIN_JOBS,
+    QUERIES,
+    _op_cancel,
+    _op_estimate,
+    _op_list,
+)
 from koban.engines.postgres.notifier import listen
 
 #: Nothing listens on port 1: every connection attempt is refused at once.
@@ -550,6 +558,103 @@ async def test_async_insert_in_callers_pipeline_returns_ids(pg_url: str) -> None
         assert one.id in ids and {job.id for job in many} <= ids and len(ids) == BULK + 1
     finally:
         await app.close()
+
+
+class Switchable:
+    """A TCP relay to PostgreSQL, in the test's event loop, that can go away and come back as
+    a restarted server does: `down()` closes every relayed connection and refuses new ones,
+    `up()` accepts again on the same port."""
+
+    def __init__(self, url: str) -> None:
+        info = psycopg.conninfo.conninfo_to_dict(url)
+        self.target = (str(info.get("host") or "127.0.0.1"), int(info.get("port") or 5432))
+        self.port = 0
+        self.server: asyncio.Server | None = None
+        self.writers: list[asyncio.StreamWriter] = []
+        self.url = psycopg.conninfo.make_conninfo(url, host="127.0.0.1", port=0)
+
+    async def up(self) -> None:
+        self.server = await asyncio.start_server(
+            self._relay, "127.0.0.1", self.port, reuse_address=True
+        )
+        self.port = self.server.sockets[0].getsockname()[1]
+        self.url = psycopg.conninfo.make_conninfo(self.url, port=self.port)
+
+    async def down(self) -> None:
+        assert self.server is not None
+        self.server.close()
+        for writer in self.writers:
+            writer.close()
+        self.writers.clear()
+        await self.server.wait_closed()
+
+    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection(*self.target)
+        self.writers += [writer, up_writer]
+
+        async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(OSError, asyncio.CancelledError):
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            dst.close()
+
+        await asyncio.gather(pump(reader, up_writer), pump(up_reader, writer))
+
+
+async def test_a_node_waiting_for_a_connection_resumes_soon_after_the_server_returns(
+    pg_url: str,
+) -> None:
+    """Every pooled connection died with the server, and the pool's one try to replace them
+    failed: a fetch waiting for a connection gets one within about a second of the server's
+    return, not at the end of its 30 s wait."""
+    relay = Switchable(pg_url)
+    await relay.up()
+    engine = PostgresEngine(relay.url)
+    try:
+        await engine.open()
+        assert await engine.fetch("q", 1, "node-1", "p") == []
+        pool = engine._async_pool()
+        assert pool.timeout == 30
+        await relay.down()
+        with pytest.raises(psycopg.OperationalError):
+            await engine.fetch("q", 1, "node-1", "p")  # the pool discards its dead connections
+        waiting = asyncio.create_task(engine.fetch("q", 1, "node-1", "p"))
+        await asyncio.sleep(2.5)  # the pool gives up replacing them; the fetch waits
+        assert not waiting.done()
+        await relay.up()
+        assert await asyncio.wait_for(waiting, 10) == []
+    finally:
+        await engine.close()
+        if relay.server is not None:
+            await relay.down()
+
+
+async def test_a_session_stuck_in_a_registration_stalls_no_heartbeat_for_long(
+    pg_url: str,
+) -> None:
+    """A node cut off between the registry lock and its COMMIT leaves its session idle in
+    transaction, holding the lock. Registered nodes' heartbeats take no lock and go on; a new
+    registration waits only until the server ends the stuck session (5 s idle)."""
+    engine = PostgresEngine(pg_url)
+    await engine.open()
+    live = NodeInfo(name="node-live", meta={"incarnation": "a"})
+    try:
+        first = await engine.heartbeat(live, 5.0)
+        stuck = psycopg.connect(pg_url)  # a transaction left open, as by a vanished client
+        stuck.execute(QUERIES["lock_node_registry"], {"key": _NODE_REGISTRY_LOCK})
+        again = await asyncio.wait_for(engine.heartbeat(live, 5.0), 3)
+        assert again.started_at == first.started_at
+        assert again.heartbeat_at and first.heartbeat_at and again.heartbeat_at > first.heartbeat_at
+        newcomer = NodeInfo(name="node-new", meta={"incarnation": "b"})
+        registered = await asyncio.wait_for(engine.heartbeat(newcomer, 5.0), 20)
+        assert registered.name == "node-new"
+        assert registered.meta["cluster_started_at"] == first.meta["cluster_started_at"]
+        with pytest.raises(psycopg.errors.IdleInTransactionSessionTimeout):
+            stuck.execute("SELECT 1")  # the server ended it
+        stuck.close()
+    finally:
+        await engine.close()
 
 
 def _plan(conn: psycopg.Connection[Any], op: Any) -> str:

@@ -9,6 +9,7 @@ fails raises inside the op, at its `yield`, so an op can say what the failure me
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import json
@@ -127,6 +128,32 @@ def fetched_job(row: tuple[Any, ...]) -> Job:
         errors=errors, inserted_at=inserted_at, scheduled_at=scheduled_at,
         attempted_at=attempted_at, attempted_by=attempted_by, unique_key=unique_key,
     )  # fmt: skip
+
+
+#: How long one request for a pooled connection waits before it is made again (`_NodePool`).
+POOL_REASK_SECONDS: Final = 1.0
+
+
+class _NodePool(AsyncConnectionPool[Any]):
+    """The node's pool: a wait for a connection is asked again every second, up to the timeout.
+
+    The pool tries once to replace a connection that died (`reconnect_timeout=0`: the node's
+    loops retry, and report, outages themselves), and psycopg_pool only tries to grow again when
+    a request for a connection arrives. After a restart longer than that one try, the requests
+    already waiting would wait out their whole timeout (30 s) with the server back. Asking again
+    every second makes a new attempt, so the node resumes within about a second of the server.
+    """
+
+    async def getconn(self, timeout: float | None = None) -> Any:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + (self.timeout if timeout is None else timeout)
+        while True:
+            left = deadline - loop.time()
+            try:
+                return await super().getconn(timeout=max(0.001, min(POOL_REASK_SECONDS, left)))
+            except PoolTimeout:
+                if left <= POOL_REASK_SECONDS:
+                    raise
 
 
 def _int_array(values: Iterable[int]) -> str:
@@ -824,7 +851,7 @@ class PostgresEngine(Engine):
             raise self._unavailable(exc) from None
         async with probe:
             self._check_version(await _run_async(self._op_version(), probe))
-        pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
+        pool: AsyncConnectionPool[Any] = _NodePool(
             self.url,
             min_size=1,
             max_size=self._pool_size,
@@ -1226,7 +1253,8 @@ class PostgresEngine(Engine):
     async def heartbeat(
         self, node: NodeInfo, live_within: float, now: datetime | None = None
     ) -> NodeInfo:
-        return await self._atx(_op_heartbeat(node, live_within, now))
+        async with self._node_connection() as conn:
+            return await _run_async(_op_heartbeat(node, live_within, now), conn)
 
     async def remove_node(self, name: str) -> None:
         await self._execute(QUERIES["remove_node"], {"name": name})
@@ -1356,17 +1384,22 @@ def _row_to_node(row: dict[str, Any]) -> NodeInfo:
 
 
 def _op_heartbeat(node: NodeInfo, live_within: float, now: datetime | None) -> Op:
+    params = {
+        "name": node.name,
+        "queues": json.dumps(node.queues, default=str),
+        "meta": json.dumps(node.meta, default=str),
+        "live_within": live_within,
+        "now": now,
+    }
+    # A registered node refreshes its row in one statement and takes no lock: a node cut off
+    # mid-heartbeat then holds nothing that other nodes' heartbeats wait for.
+    rows = yield QUERIES["refresh_node"], params
+    if rows:
+        return _row_to_node(rows[0])
+    # First registration, or the row was replaced or forgotten: register under the lock.
+    yield TRANSACTION
     yield QUERIES["lock_node_registry"], {"key": _NODE_REGISTRY_LOCK}
-    rows = yield (
-        QUERIES["heartbeat_node"],
-        {
-            "name": node.name,
-            "queues": json.dumps(node.queues, default=str),
-            "meta": json.dumps(node.meta, default=str),
-            "live_within": live_within,
-            "now": now,
-        },
-    )
+    rows = yield QUERIES["heartbeat_node"], params
     return _row_to_node(rows[0])
 
 

@@ -189,8 +189,27 @@ ORDER BY m.minute;
 
 -- name: lock_node_registry
 -- Serialise node registrations (within the caller's transaction), so two nodes starting at
--- once agree on when the cluster started.
-SELECT pg_advisory_xact_lock(%(key)s);
+-- once agree on when the cluster started. A node that vanishes between this lock and its
+-- COMMIT (cut off from the network, its machine lost) must not keep it: the server would hold
+-- its session, and the lock, idle in transaction until TCP noticed (hours), and every other
+-- node's registration would wait. For the rest of this transaction the server ends the session
+-- after 5 s idle; a live node sends its next statement at once.
+SELECT pg_advisory_xact_lock(%(key)s),
+       set_config('idle_in_transaction_session_timeout', '5s', true);
+
+-- name: refresh_node
+-- A registered node's heartbeat: one statement, no lock. Only the incarnation that registered
+-- the row refreshes it (keeping started_at, cluster_started_at and control); no row back means
+-- the node must register, again, with heartbeat_node under the registry lock.
+UPDATE koban_nodes AS n
+SET heartbeat_at = coalesce(%(now)s::timestamptz, now()),
+    queues = %(queues)s::jsonb,
+    meta = %(meta)s::jsonb || jsonb_strip_nulls(jsonb_build_object(
+               'cluster_started_at', n.meta -> 'cluster_started_at',
+               'control', n.meta -> 'control'))
+WHERE n.name = %(name)s
+  AND n.meta ->> 'incarnation' = %(meta)s::jsonb ->> 'incarnation'
+RETURNING *;
 
 -- name: heartbeat_node
 -- Register or refresh a node. A new incarnation restarts its row (started_at, control); the
@@ -320,8 +339,11 @@ VALUES (%(name)s, %(signature)s, NULL, coalesce(%(now)s::timestamptz, now()))
 ON CONFLICT (name) DO NOTHING;
 
 -- name: cron_lock
--- Lock a cron entry's record for the rest of the transaction.
-SELECT name, expression AS signature, last_tick, updated_at
+-- Lock a cron entry's record for the rest of the transaction. A leader cut off before its
+-- COMMIT must not keep the lock until TCP notices (hours), holding back the next leader's
+-- ticks: as for lock_node_registry, the server ends a session idle 5 s in this transaction.
+SELECT name, expression AS signature, last_tick, updated_at,
+       set_config('idle_in_transaction_session_timeout', '5s', true) AS idle_limit
 FROM koban_cron WHERE name = %(name)s FOR UPDATE;
 
 -- name: cron_reset
