@@ -93,6 +93,33 @@ async def test_a_rescued_job_without_attempts_left_is_discarded(
     assert stored.errors[-1]["type"] == "koban.Rescued"
 
 
+async def test_a_rescue_that_runs_after_its_node_lost_the_database_rescues_nothing(
+    apps: AppFactory, clock: koban.FrozenClock
+) -> None:
+    """The lifeline checks its own node's heartbeat before it rescues, but its statement may
+    then wait out an outage (for a pooled connection, say). The statement checks again: a
+    rescuer whose registered heartbeat went stale meanwhile takes no job, not even its own."""
+    app = apps(clock=clock)
+    await app.open()
+    rescuer, rescuer_beat = await register(app, "rescuer")
+    other, _ = await register(app, "other")
+    await app.aenqueue_many([Job(worker="w.a", args={"n": i}, max_attempts=3) for i in range(2)])
+    [mine] = await take(app, rescuer, 1)
+    [theirs] = await take(app, other, 1)
+    clock.advance(20)  # every heartbeat is 20 s old: the database was away
+    rescuer.last_heartbeat = clock.now()  # the local check passed before the outage
+    lifeline = Lifeline(rescue_after=15)
+    assert await lifeline.tick(rescuer) == 0
+    assert await app.engine.rescue_jobs(15, 10, now=rescuer.db_now(), by="rescuer") == []
+    for job in (mine, theirs):
+        stored = await app.aget_job(job.id or 0)
+        assert stored is not None and stored.state is JobState.EXECUTING
+    await rescuer_beat.tick(rescuer)  # caught up: it judges others again
+    assert await lifeline.tick(rescuer) == 1
+    stored = await app.aget_job(theirs.id or 0)
+    assert stored is not None and stored.state is JobState.AVAILABLE
+
+
 async def test_jobs_of_a_restarted_node_are_rescued_at_once(
     apps: AppFactory, clock: koban.FrozenClock
 ) -> None:

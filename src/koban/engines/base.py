@@ -348,7 +348,12 @@ class Engine(ABC):
 
     @abstractmethod
     async def rescue_jobs(
-        self, rescue_after: float, limit: int, now: datetime | None = None
+        self,
+        rescue_after: float,
+        limit: int,
+        now: datetime | None = None,
+        *,
+        by: str | None = None,
     ) -> list[Job]:
         """Return orphaned executing jobs to `available` (or `discarded` when out of attempts).
 
@@ -356,6 +361,11 @@ class Engine(ABC):
         than `rescue_after` seconds, or its node's current incarnation started after the job
         was attempted. Each rescue appends an error entry of type `koban.Rescued` and counts
         `meta["rescued"]`. At most `limit` jobs per call; returns them as updated.
+
+        `by`: the rescuing node. When its registered heartbeat is older than `rescue_after / 2`
+        as the statement runs, nothing is rescued: a node that lost the database judges others
+        only once its own heartbeat has caught up, even when the statement was decided on
+        before the outage and ran after it.
         """
 
     @abstractmethod

@@ -73,7 +73,11 @@ class Lifeline(Plugin):
             # struggling): its own jobs would look dead too. Judge others once it has caught up.
             return 0
         now = node.db_now()
-        rescued = await node.engine.rescue_jobs(self.rescue_after, self.batch, now=now)
+        # `by`: the statement checks this node's heartbeat again as it runs, in case it waited
+        # out an outage (for a connection, say) after the check above.
+        rescued = await node.engine.rescue_jobs(
+            self.rescue_after, self.batch, now=now, by=node.name
+        )
         if rescued:
             available = sorted({j.queue for j in rescued if j.state is JobState.AVAILABLE})
             discarded = [j.id for j in rescued if j.state is JobState.DISCARDED]

@@ -1280,10 +1280,16 @@ class PostgresEngine(Engine):
         return bool(await self._rows(QUERIES["resign_leadership"], {"node": node}))
 
     async def rescue_jobs(
-        self, rescue_after: float, limit: int, now: datetime | None = None
+        self,
+        rescue_after: float,
+        limit: int,
+        now: datetime | None = None,
+        *,
+        by: str | None = None,
     ) -> list[Job]:
         rows = await self._rows(
-            QUERIES["rescue_jobs"], {"rescue_after": rescue_after, "limit": limit, "now": now}
+            QUERIES["rescue_jobs"],
+            {"rescue_after": rescue_after, "limit": limit, "now": now, "by": by},
         )
         return [row_to_job(r) for r in rows]
 

@@ -818,10 +818,15 @@ class SQLiteEngine(Engine):
         return await self._write(functools.partial(_op_resign_leadership, node=node))
 
     async def rescue_jobs(
-        self, rescue_after: float, limit: int, now: datetime | None = None
+        self,
+        rescue_after: float,
+        limit: int,
+        now: datetime | None = None,
+        *,
+        by: str | None = None,
     ) -> list[Job]:
         return await self._write(
-            functools.partial(_op_rescue, rescue_after=rescue_after, limit=limit, now=now)
+            functools.partial(_op_rescue, rescue_after=rescue_after, limit=limit, now=now, by=by)
         )
 
     async def prune_jobs(
@@ -1004,6 +1009,7 @@ def _op_rescue(
     rescue_after: float,
     limit: int,
     now: datetime | None,
+    by: str | None = None,
 ) -> list[Job]:
     t = now_us(now)
     at = from_us(t)
@@ -1015,6 +1021,8 @@ def _op_rescue(
                 "now": t,
                 "at": at.isoformat() if at else None,
                 "since": t - round(rescue_after * 1_000_000),
+                "late": t - round(rescue_after * 500_000),
+                "by": by,
                 "limit": limit,
             },
         )

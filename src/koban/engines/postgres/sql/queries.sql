@@ -275,12 +275,18 @@ DELETE FROM koban_leader WHERE node = %(node)s RETURNING node;
 -- back to available, or to discarded when they have no attempt left; each rescue is recorded.
 -- A claim is a sign of life as good as a heartbeat: a job its node claimed within the window
 -- is never rescued, so a rescue judged on a stale view (a statement delayed in the network
--- past its node's return) cannot take back a job that node has just claimed.
+-- past its node's return) cannot take back a job that node has just claimed. Nor does a
+-- rescuer (%(by)s) whose own registered heartbeat is late as this runs: it lost the database,
+-- and every node's jobs, its own among them, would look dead to it.
 WITH t AS (
     SELECT coalesce(%(now)s::timestamptz, now()) AS t
 ), orphans AS (
     SELECT j.id FROM koban_jobs AS j, t
     WHERE j.state = 'executing'
+      AND NOT EXISTS (
+          SELECT 1 FROM koban_nodes AS me
+          WHERE me.name = %(by)s::text
+            AND me.heartbeat_at <= t.t - make_interval(secs => %(rescue_after)s / 2.0))
       AND NOT EXISTS (
           SELECT 1 FROM koban_nodes AS n
           WHERE n.name = j.attempted_by[1]

@@ -255,7 +255,8 @@ DELETE FROM koban_leader WHERE node = :node RETURNING node;
 -- name: rescue_jobs
 -- Executing jobs whose node is dead (no heartbeat since :since) or restarted since it took
 -- them go back to available, or to discarded without an attempt left; each rescue is recorded.
--- A claim within the window counts as a sign of life, as on PostgreSQL (see its comment).
+-- A claim within the window counts as a sign of life, as on PostgreSQL (see its comment), and
+-- a rescuer (:by) whose own heartbeat is older than :late rescues nothing.
 UPDATE koban_jobs
 SET state = CASE WHEN attempt >= max_attempts THEN 'discarded' ELSE 'available' END,
     discarded_at = CASE WHEN attempt >= max_attempts THEN :now ELSE discarded_at END,
@@ -271,6 +272,7 @@ SET state = CASE WHEN attempt >= max_attempts THEN 'discarded' ELSE 'available' 
 WHERE id IN (
     SELECT j.id FROM koban_jobs AS j
     WHERE j.state = 'executing'
+      AND NOT EXISTS (SELECT 1 FROM koban_nodes AS me WHERE me.name = :by AND me.heartbeat_at <= :late)
       AND NOT EXISTS (
           SELECT 1 FROM koban_nodes AS n
           WHERE n.name = json_extract(j.attempted_by, '$[0]')
