@@ -3,6 +3,8 @@ the database stepping down before anyone could take over."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -108,6 +110,55 @@ async def test_leader_that_loses_the_database_stops_while_its_lease_still_holds(
     row = lease_row(db_url)
     assert row is not None and row[0] == "cut-off"
     assert row[1] > stepped_down_at, "the node acted as leader after its lease had ended"
+
+
+async def test_a_renewal_answered_late_is_renewed_again_at_once(
+    apps: AppFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Real time: a renewal that waited out an outage comes back with a deadline counted from
+    when it was sent, nearly spent. The next renewal is at once, not an interval later, so the
+    leader does not lapse (and log it) just after the database is back."""
+    app = apps()
+    await app.open()
+    lead = Leadership(lease=3.0, renew_every=0.5, margin=0.5)
+    node = idle_node(app, "slow", [lead])
+    await lead.start(node)
+    assert await lead.tick(node) is True
+    assert lead.next_delay(True) == 0.5
+    acquire = app.engine.acquire_leadership
+
+    async def late(*args: object, **kwargs: object) -> datetime | None:
+        await asyncio.sleep(0.8)  # longer than a renewal period
+        return await acquire(*args, **kwargs)  # type: ignore[arg-type]
+
+    app.engine.acquire_leadership = late  # type: ignore[method-assign]
+    assert await lead.tick(node) is True
+    assert lead.next_delay(True) == 0.0
+    app.engine.acquire_leadership = acquire  # type: ignore[method-assign]
+    assert await lead.tick(node) is True
+    assert lead.next_delay(True) == 0.5
+    assert node.is_leader
+    assert "stops acting as leader" not in caplog.text
+
+    # Answered after its whole lease (less the margin) had gone by: not acted on at all.
+    delay = 3.2
+
+    async def later(*args: object, **kwargs: object) -> datetime | None:
+        await asyncio.sleep(delay)
+        return await acquire(*args, **kwargs)  # type: ignore[arg-type]
+
+    app.engine.acquire_leadership = later  # type: ignore[method-assign]
+    caplog.clear()
+    caplog.set_level(logging.INFO, logger="koban.leadership")
+    assert await lead.tick(node) is False
+    assert lead.next_delay(False) == 0.0
+    assert not node.is_leader
+    app.engine.acquire_leadership = acquire  # type: ignore[method-assign]
+    assert await lead.tick(node) is True
+    assert [r.getMessage().split(": ")[0] for r in caplog.records] == [
+        "node slow stops acting as leader",
+        "node slow is now the cluster's leader",
+    ]
 
 
 async def test_nodes_elect_a_leader_and_hand_over_on_stop(apps: AppFactory, db_url: str) -> None:

@@ -66,6 +66,7 @@ class Leadership(Plugin):
         self._deadline: float | None = None
         self._stopping = False
         self._failing = False
+        self._renew_now = False
 
     def __repr__(self) -> str:
         return f"<Leadership lease={self.lease}s>"
@@ -132,14 +133,26 @@ class Leadership(Plugin):
                 node.telemetry.emit("plugin:leadership", node=node.name, leader=False)
             self._deadline = None
             return False
-        self._deadline = sent + self.lease - self.margin
-        if not was:
+        leading = self.is_leader  # logs it if the lease lapsed while the call was out
+        deadline = sent + self.lease - self.margin
+        # An answer that took longer than a renewal period (the call waited out an outage, or
+        # for a connection) gives a deadline counted from when it was sent: nearly spent, or
+        # spent, though the lease was just granted. Renew again at once rather than lapse on
+        # it; a spent one is not acted on at all.
+        self._renew_now = self._now() - sent > self.interval
+        if self._now() >= deadline:
+            return False
+        self._deadline = deadline
+        if not leading:
             log.info("node %s is now the cluster's leader", node.name)
             node.telemetry.emit("plugin:leadership", node=node.name, leader=True)
             for plugin in node.plugins:
                 if plugin.leader_only:
                     plugin.wake()
         return True
+
+    def next_delay(self, result: bool) -> float:
+        return 0.0 if self._renew_now else self.interval
 
     async def stopping(self, node: Node) -> None:
         """Resign at once, so another node takes over without waiting for the lease."""
