@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter
+from datetime import datetime
 
 # "2030-01-01 00:00:00,000 WARNING koban.acker: cannot record 3 job outcome(s) (...)"
 _LINE = re.compile(r"^\S+ \S+ (?P<level>[A-Z]+) (?P<logger>[\w.]+): (?P<message>.*)$")
@@ -33,6 +34,23 @@ def kinds(text: str) -> Counter[str]:
     return counts
 
 
-def storms(text: str, incidents: int) -> list[str]:
-    """Kinds of warning written more often than once per incident."""
-    return [f"{n}x {kind}" for kind, n in kinds(text).items() if n > incidents]
+def storms(text: str, incidents: int, *, allowed: tuple[str, ...] = ()) -> list[str]:
+    """Kinds of warning written more often than once per incident, except kinds starting with
+    one of `allowed` (a caller checks those its own way)."""
+    return [
+        f"{n}x {kind}"
+        for kind, n in kinds(text).items()
+        if n > incidents and not kind.startswith(allowed)
+    ]
+
+
+def stamped(text: str, logger: str, prefix: str) -> list[tuple[float, str]]:
+    """(wall-clock time, message) of each line `logger` wrote that starts with `prefix`."""
+    out = []
+    for line in text.splitlines():
+        m = _LINE.match(line)
+        if m is not None and m["logger"] == logger and m["message"].startswith(prefix):
+            stamp = " ".join(line.split(" ", 2)[:2])
+            when = datetime.strptime(stamp, "%Y-%m-%d %H:%M:%S,%f").timestamp()
+            out.append((when, m["message"]))
+    return out

@@ -24,15 +24,20 @@ from helpers import sql_rows, wait_until
 from koban.engines.postgres.engine import PostgresEngine
 
 from .driver import ChaosCluster
-from .invariants import check, read_jobs, summarise
-from .ledger import read_ledger
-from .logs import kinds, storms
+from .invariants import RESCUED, JobRow, check, read_jobs, summarise
+from .ledger import Event, read_ledger
+from .logs import kinds, stamped, storms
 
 WORKERS = ("chaos.chaos_app.chaos_async", "chaos.chaos_app.chaos_sync")
 #: Most warning lines one node may write for one incident: one per part that noticed it
 #: (notifier, acker, producer, and each plugin), never one per connection or per retry.
 WARNINGS_PER_INCIDENT = 8
 RESTART_ALLOWED = os.environ.get("KOBAN_CHAOS_PG_RESTART") == "1" or os.environ.get("CI") == "true"
+#: The chaos nodes' rescue window and lifeline interval (chaos_app's defaults).
+RESCUE_AFTER = 3.0
+LIFELINE_INTERVAL = 0.5
+#: The lifeline's report of a rescue, as `kinds` names it.
+RESCUE_KIND = "koban.lifeline: rescued N job(s)"
 
 
 @pytest.fixture
@@ -84,8 +89,21 @@ def terminate(url: str, where: str = "true") -> int:
     return len(rows)
 
 
-def assert_clean_run(cluster: ChaosCluster, url: str, count: int, incidents: int) -> None:
-    """Every job ran to its end exactly as the ledger says; no node crashed or stormed."""
+def assert_clean_run(
+    cluster: ChaosCluster,
+    url: str,
+    count: int,
+    incidents: int,
+    *,
+    back_at_ns: int | None = None,
+) -> None:
+    """Every job ran to its end exactly as the ledger says; no node crashed or stormed.
+
+    `back_at_ns`: the wall-clock time the database came back after an outage that outlasted
+    the rescue window. The nodes then lost it long enough for their claims to be rescued, in
+    as many lifeline ticks as the claims take to age past the window; `assert_rescues` checks
+    those rescues instead of a count of their log lines.
+    """
     wait_until(lambda: finished(url) == count, timeout=60, what=f"all {count} jobs to finish")
     cluster.stop()
     jobs = read_jobs(url)
@@ -94,9 +112,13 @@ def assert_clean_run(cluster: ChaosCluster, url: str, count: int, incidents: int
     assert not cluster.crashes, "\n\n".join(cluster.crashes)
     problems = check(jobs, events, cluster.exits, expected_jobs=count)
     assert not problems, "\n".join(problems[:30])
+    allowed: tuple[str, ...] = ()
+    if back_at_ns is not None:
+        assert_rescues(jobs, events, cluster.logs(), back_at_ns)
+        allowed = (RESCUE_KIND,)
     for name, text in cluster.logs().items():
-        assert not storms(text, incidents), f"node {name} stormed:\n" + "\n".join(
-            storms(text, incidents)
+        assert not storms(text, incidents, allowed=allowed), f"node {name} stormed:\n" + "\n".join(
+            storms(text, incidents, allowed=allowed)
         )
         total = sum(kinds(text).values())
         assert total <= WARNINGS_PER_INCIDENT * incidents, (
@@ -175,6 +197,50 @@ def listeners(url: str) -> int:
     )
 
 
+def rescue_problems(
+    jobs: list[JobRow], events: list[Event], logs: dict[str, str], back_at_ns: int
+) -> list[str]:
+    """What is wrong with the rescues of one outage that ended at `back_at_ns` (wall clock).
+
+    Only attempts claimed before the outage may be rescued: a node that claims a job once the
+    database is back heartbeats again within the rescue window, and a job on a live node is
+    never taken from it. Those claims age past the window one by one while their node has not
+    yet heartbeated again, so the leader may rescue them in several ticks, each with its own
+    log line; once that node heartbeats, rescues stop. So each node's rescue lines span no more
+    than the rescue window (and a tick of slack): rescues that go on are a storm.
+    """
+    problems: list[str] = []
+    started = {(e.job_id, e.attempt): e.wall_ns for e in events if e.kind == "S"}
+    for job in jobs:
+        for error in job.errors:
+            if error.get("type") != RESCUED:
+                continue
+            at = started.get((job.id, error.get("attempt")))  # type: ignore[arg-type]
+            if at is not None and at >= back_at_ns:
+                problems.append(
+                    f"job {job.id} attempt {error.get('attempt')} was claimed "
+                    f"{(at - back_at_ns) / 1e9:.2f} s after the database came back, yet rescued"
+                )
+    for name, text in logs.items():
+        lines = stamped(text, "koban.lifeline", "rescued ")
+        if lines and lines[-1][0] - lines[0][0] > RESCUE_AFTER + 2 * LIFELINE_INTERVAL:
+            problems.append(
+                f"node {name} went on rescuing for {lines[-1][0] - lines[0][0]:.1f} s:\n"
+                + "\n".join(message for _at, message in lines)
+            )
+    return problems
+
+
+def assert_rescues(
+    jobs: list[JobRow], events: list[Event], logs: dict[str, str], back_at_ns: int
+) -> None:
+    for name, text in logs.items():  # for the report: when each rescue was logged
+        for at, message in stamped(text, "koban.lifeline", "rescued "):
+            print(f"{name} at {at - back_at_ns / 1e9:+.2f} s: {message}")
+    problems = rescue_problems(jobs, events, logs, back_at_ns)
+    assert not problems, "\n".join(problems[:30])
+
+
 def reachable(url: str) -> bool:
     try:
         return bool(sql_rows(url, "SELECT 1"))
@@ -212,6 +278,8 @@ def test_nodes_survive_a_postgres_restart(cluster: ChaosCluster, pg_url: str) ->
     started = time.monotonic()
     restart_postgres()
     wait_until(lambda: reachable(pg_url), timeout=60, what="PostgreSQL to accept connections")
+    back_at_ns = time.time_ns()
+    print(f"PostgreSQL was unreachable for at most {time.monotonic() - started:.1f} s")
     try:
         wait_for_progress(pg_url, 100, "jobs to flow after the restart")
     except AssertionError:
@@ -219,4 +287,4 @@ def test_nodes_survive_a_postgres_restart(cluster: ChaosCluster, pg_url: str) ->
             print(f"----- node {name} -----\n{text[-6000:]}")
         raise
     print(f"restart and recovery took {time.monotonic() - started:.1f} s")
-    assert_clean_run(cluster, pg_url, count, incidents=1)
+    assert_clean_run(cluster, pg_url, count, incidents=1, back_at_ns=back_at_ns)
