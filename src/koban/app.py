@@ -548,7 +548,11 @@ class Koban:
     async def serve(
         self, *, queues: Mapping[str, int] | None = None, node: str | None = None
     ) -> None:
-        """Run a node until SIGTERM or SIGINT, then stop gracefully."""
+        """Run a node until SIGTERM or SIGINT, then stop gracefully.
+
+        A node that has to stop on its own (`Node.fail`: another process took its name) is
+        stopped the same way, and its error raised.
+        """
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         installed = []
@@ -558,9 +562,17 @@ class Koban:
                 installed.append(sig)
             except (NotImplementedError, RuntimeError, ValueError):
                 pass
+        failure: Exception | None = None
         try:
-            await self.start(queues=queues, node=node)
-            await stop.wait()
+            running = await self.start(queues=queues, node=node)
+            signalled = asyncio.ensure_future(stop.wait())
+            failed = asyncio.ensure_future(running.failed.wait())
+            try:
+                await asyncio.wait((signalled, failed), return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                signalled.cancel()
+                failed.cancel()
+            failure = running.failure
             log.info(
                 "shutting down: no new jobs; waiting up to %.1f s for running ones",
                 self.shutdown_grace,
@@ -569,6 +581,8 @@ class Koban:
             for sig in installed:
                 loop.remove_signal_handler(sig)
             await self.close()
+        if failure is not None:
+            raise failure
 
     def run(self, **kwargs: Any) -> None:
         """Run a node in this thread until SIGTERM or SIGINT (blocking)."""

@@ -306,7 +306,12 @@ class Engine(ABC):
 
     @abstractmethod
     async def heartbeat(
-        self, node: NodeInfo, live_within: float, now: datetime | None = None
+        self,
+        node: NodeInfo,
+        live_within: float,
+        now: datetime | None = None,
+        *,
+        takeover: bool = True,
     ) -> NodeInfo:
         """Register or refresh `node` (its queues, heartbeat_at) and return the stored row.
 
@@ -315,6 +320,10 @@ class Engine(ABC):
         `meta["cluster_started_at"]` is inherited from the nodes whose heartbeat is younger
         than `live_within` seconds, or is now when there is none; registrations are serialised
         so two nodes starting together agree on it. Later heartbeats keep it and `control`.
+
+        `takeover=False` (every heartbeat after a node's first): a row that another incarnation
+        registered under the name meanwhile is left as it is and returned, so the caller sees
+        that it lost its name. A missing row is registered again either way.
         """
 
     @abstractmethod

@@ -58,6 +58,8 @@ class Heartbeat(Plugin):
         self.interval = float(interval)
         self.incarnation = uuid.uuid4().hex
         self._failing = False
+        #: The row another process registered under this node's name, once it did.
+        self._usurper: NodeInfo | None = None
 
     def __repr__(self) -> str:
         return f"<Heartbeat every {self.interval}s>"
@@ -75,8 +77,13 @@ class Heartbeat(Plugin):
             },
         )
 
-    async def _beat(self, node: Node) -> NodeInfo:
-        info = await node.engine.heartbeat(self._info(node), node.live_within, now=node.db_now())
+    async def _beat(self, node: Node, *, takeover: bool = False) -> NodeInfo:
+        info = await node.engine.heartbeat(
+            self._info(node), node.live_within, now=node.db_now(), takeover=takeover
+        )
+        if info.meta.get("incarnation") != self.incarnation:
+            self._lose_name(node, info)
+            return info
         node.last_heartbeat = node.clock.now()
         started = info.meta.get("cluster_started_at")
         if isinstance(started, str):
@@ -90,8 +97,30 @@ class Heartbeat(Plugin):
         # A fresh incarnation per start: a restarted node (same name) must not look like the
         # one whose jobs it never ran.
         self.incarnation = uuid.uuid4().hex
+        self._usurper = None
         await self._refuse_a_live_namesake(node)
-        await self._beat(node)
+        await self._beat(node, takeover=True)
+
+    def _lose_name(self, node: Node, other: NodeInfo) -> None:
+        """Another process registered under this node's name after it started.
+
+        Both started at about the same moment, too close for `_refuse_a_live_namesake`. Taking
+        the row back would make each restart the other's row over and over, and the lifeline
+        would rescue both nodes' running jobs as a restarted node's. The later registration
+        keeps the name: this node leaves the row alone and stops fetching; the jobs it runs
+        now finish, and those the other's registration made look orphaned are rescued.
+        """
+        self._usurper = other
+        node.fail(
+            ConfigurationError(
+                f"node name {node.name!r} was registered by another process (pid "
+                f"{other.meta.get('pid', '?')} on {other.meta.get('host', '?')}) after this "
+                "node started under it: two processes under one name would rescue each "
+                "other's jobs. This node stops fetching jobs. Give each process its own name "
+                "(koban start --node NAME, or app.start(node=...)), or leave it to the default "
+                "(host.pid)."
+            )
+        )
 
     async def _refuse_a_live_namesake(self, node: Node) -> None:
         """Refuse to start under the name of a node that is still running.
@@ -141,6 +170,8 @@ class Heartbeat(Plugin):
 
     async def tick(self, node: Node) -> int:
         """Refresh the heartbeat and settings; return how many stale jobs were stopped."""
+        if self._usurper is not None:
+            return 0  # the name is another process's now: its row is left alone
         try:
             await self._beat(node)
         except Exception:
@@ -183,6 +214,8 @@ class Heartbeat(Plugin):
         if node.abandoned:
             # Threads may still be running those jobs: let the row expire before rescue.
             return
+        if self._usurper is not None:
+            return  # the row is the other process's
         try:
             await node.engine.remove_node(node.name)
         except Exception as exc:

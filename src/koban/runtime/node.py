@@ -103,6 +103,10 @@ class Node:
         )
         #: Ids of jobs still running when the last stop ran out of grace.
         self.abandoned: list[int] = []
+        #: Why this node stopped fetching for good while running (see `fail`), else None.
+        self.failure: Exception | None = None
+        #: Set by `fail`: `Koban.serve` stops the node and raises `failure`.
+        self.failed = asyncio.Event()
         # Runtime settings from the database: cluster-wide per queue, and this node's own.
         self._queue_settings: dict[str, QueueState] = {}
         self._queue_overrides: dict[str, dict[str, Any]] = {}
@@ -204,6 +208,20 @@ class Node:
             if entry is not None and (attempt is None or entry[0].attempt == attempt):
                 return producer.cancel(job_id)
         return False
+
+    def fail(self, error: Exception) -> None:
+        """Stop fetching for good: the node can no longer run jobs safely (`error` says why).
+
+        Running jobs finish and their outcomes are recorded; `Koban.serve` (`koban start`) then
+        stops the node and raises `error`.
+        """
+        if self.failure is not None:
+            return
+        self.failure = error
+        log.error("%s", error)
+        for producer in self.producers.values():
+            producer.stop_fetching()
+        self.failed.set()
 
     # ----- lifecycle ------------------------------------------------------------------------
     async def start(self) -> None:

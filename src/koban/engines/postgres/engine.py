@@ -1251,10 +1251,15 @@ class PostgresEngine(Engine):
             return _run_sync(op, conn)
 
     async def heartbeat(
-        self, node: NodeInfo, live_within: float, now: datetime | None = None
+        self,
+        node: NodeInfo,
+        live_within: float,
+        now: datetime | None = None,
+        *,
+        takeover: bool = True,
     ) -> NodeInfo:
         async with self._node_connection() as conn:
-            return await _run_async(_op_heartbeat(node, live_within, now), conn)
+            return await _run_async(_op_heartbeat(node, live_within, now, takeover), conn)
 
     async def remove_node(self, name: str) -> None:
         await self._execute(QUERIES["remove_node"], {"name": name})
@@ -1389,7 +1394,9 @@ def _row_to_node(row: dict[str, Any]) -> NodeInfo:
     )
 
 
-def _op_heartbeat(node: NodeInfo, live_within: float, now: datetime | None) -> Op:
+def _op_heartbeat(
+    node: NodeInfo, live_within: float, now: datetime | None, takeover: bool = True
+) -> Op:
     params = {
         "name": node.name,
         "queues": json.dumps(node.queues, default=str),
@@ -1405,6 +1412,11 @@ def _op_heartbeat(node: NodeInfo, live_within: float, now: datetime | None) -> O
     # First registration, or the row was replaced or forgotten: register under the lock.
     yield TRANSACTION
     yield QUERIES["lock_node_registry"], {"key": _NODE_REGISTRY_LOCK}
+    if not takeover:
+        # Any row under the name now is another incarnation's (ours was not there to refresh).
+        rows = yield QUERIES["get_node"], {"name": node.name}
+        if rows:
+            return _row_to_node(rows[0])
     rows = yield QUERIES["heartbeat_node"], params
     return _row_to_node(rows[0])
 

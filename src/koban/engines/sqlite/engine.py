@@ -787,10 +787,17 @@ class SQLiteEngine(Engine):
 
     # ----- cluster --------------------------------------------------------------------------
     async def heartbeat(
-        self, node: NodeInfo, live_within: float, now: datetime | None = None
+        self,
+        node: NodeInfo,
+        live_within: float,
+        now: datetime | None = None,
+        *,
+        takeover: bool = True,
     ) -> NodeInfo:
         return await self._write(
-            functools.partial(_op_heartbeat, node=node, live_within=live_within, now=now)
+            functools.partial(
+                _op_heartbeat, node=node, live_within=live_within, now=now, takeover=takeover
+            )
         )
 
     async def remove_node(self, name: str) -> None:
@@ -935,6 +942,7 @@ def _op_heartbeat(
     node: NodeInfo,
     live_within: float,
     now: datetime | None,
+    takeover: bool = True,
 ) -> NodeInfo:
     # The write transaction serialises registrations, so two nodes starting at once agree on
     # when the cluster started.
@@ -943,6 +951,8 @@ def _op_heartbeat(
     meta = dict(node.meta)
     row = cur.execute(QUERIES["get_node"], {"name": node.name}).fetchone()
     stored = json.loads(row["meta"]) if row is not None else {}
+    if row is not None and not takeover and stored.get("incarnation") != meta.get("incarnation"):
+        return _row_to_node(row)  # another incarnation registered the name: left as it is
     if row is not None and stored.get("incarnation") == meta.get("incarnation"):
         started = row["started_at"]
         for key in ("cluster_started_at", "control"):

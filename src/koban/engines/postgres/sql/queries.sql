@@ -239,6 +239,10 @@ ON CONFLICT (name) DO UPDATE SET
                 ELSE excluded.meta END
 RETURNING *;
 
+-- name: get_node
+-- One registered node.
+SELECT * FROM koban_nodes WHERE name = %(name)s;
+
 -- name: remove_node
 -- A node's clean goodbye.
 DELETE FROM koban_nodes WHERE name = %(name)s;
