@@ -120,15 +120,16 @@ async def test_a_renewal_answered_late_is_renewed_again_at_once(
     leader does not lapse (and log it) just after the database is back."""
     app = apps()
     await app.open()
-    lead = Leadership(lease=3.0, renew_every=0.5, margin=0.5)
+    # A renewal period of 1 s, far longer than a renewal takes even on a loaded machine.
+    lead = Leadership(lease=3.0, renew_every=1.0, margin=0.5)
     node = idle_node(app, "slow", [lead])
     await lead.start(node)
     assert await lead.tick(node) is True
-    assert lead.next_delay(True) == 0.5
+    assert lead.next_delay(True) == 1.0
     acquire = app.engine.acquire_leadership
 
     async def late(*args: object, **kwargs: object) -> datetime | None:
-        await asyncio.sleep(0.8)  # longer than a renewal period
+        await asyncio.sleep(1.3)  # longer than a renewal period
         return await acquire(*args, **kwargs)  # type: ignore[arg-type]
 
     app.engine.acquire_leadership = late  # type: ignore[method-assign]
@@ -136,12 +137,12 @@ async def test_a_renewal_answered_late_is_renewed_again_at_once(
     assert lead.next_delay(True) == 0.0
     app.engine.acquire_leadership = acquire  # type: ignore[method-assign]
     assert await lead.tick(node) is True
-    assert lead.next_delay(True) == 0.5
+    assert lead.next_delay(True) == 1.0
     assert node.is_leader
     assert "stops acting as leader" not in caplog.text
 
     # Answered after its whole lease (less the margin) had gone by: not acted on at all.
-    delay = 3.2
+    delay = 2.8
 
     async def later(*args: object, **kwargs: object) -> datetime | None:
         await asyncio.sleep(delay)
