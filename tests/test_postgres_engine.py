@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import json
 import threading
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -628,6 +629,48 @@ async def test_a_node_waiting_for_a_connection_resumes_soon_after_the_server_ret
         await engine.close()
         if relay.server is not None:
             await relay.down()
+
+
+def test_a_client_call_waiting_through_an_outage_resumes_soon_after_the_server_returns(
+    pg_url: str,
+) -> None:
+    """A sync client call made while the server is away waits for it. psycopg_pool's own
+    reconnection would back off (attempts at about 1, 3, 7, 15 s) and hand the call a
+    connection only at its next attempt; koban's pool asks again every second instead."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+
+    def in_loop(coro: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, loop).result(30)
+
+    relay = Switchable(pg_url)
+    in_loop(relay.up())
+    engine = PostgresEngine(relay.url)
+    try:
+        assert engine.list_jobs_sync(JobFilter(limit=1)) == []
+        in_loop(relay.down())
+        finished: list[float] = []
+
+        def list_one() -> None:
+            engine.list_jobs_sync(JobFilter(limit=1))
+            finished.append(time.monotonic())
+
+        call = threading.Thread(target=list_one)
+        call.start()
+        time.sleep(8.0)  # an outage past psycopg_pool's first three reconnection attempts
+        assert call.is_alive()
+        in_loop(relay.up())
+        back = time.monotonic()
+        call.join(20)
+        assert finished, "the call failed or never returned"
+        assert finished[0] - back < 3.0, f"it resumed {finished[0] - back:.1f} s after the server"
+    finally:
+        engine.close_sync()
+        if relay.server is not None:
+            in_loop(relay.down())
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(5)
 
 
 async def test_a_session_stuck_in_a_registration_stalls_no_heartbeat_for_long(

@@ -15,6 +15,7 @@ import dataclasses
 import json
 import logging
 import re
+import time
 from collections.abc import (
     AsyncIterator,
     Awaitable,
@@ -151,6 +152,26 @@ class _NodePool(AsyncConnectionPool[Any]):
             left = deadline - loop.time()
             try:
                 return await super().getconn(timeout=max(0.001, min(POOL_REASK_SECONDS, left)))
+            except PoolTimeout:
+                if left <= POOL_REASK_SECONDS:
+                    raise
+
+
+class _ClientPool(ConnectionPool[Any]):
+    """The sync client calls' pool, asking again every second as `_NodePool` does.
+
+    psycopg_pool's own reconnection backs off exponentially (1, 2, 4, 8, ... s) while the
+    server is away, and a call waiting for a connection gets one only at the next attempt:
+    after a 30 s outage, calls kept failing for up to 30 s more with the server back. This
+    pool tries once per request instead, and a waiting request is made again every second.
+    """
+
+    def getconn(self, timeout: float | None = None) -> Any:
+        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        while True:
+            left = deadline - time.monotonic()
+            try:
+                return super().getconn(timeout=max(0.001, min(POOL_REASK_SECONDS, left)))
             except PoolTimeout:
                 if left <= POOL_REASK_SECONDS:
                     raise
@@ -884,7 +905,7 @@ class PostgresEngine(Engine):
         if self._sync_pool is None:
             with self._connect_sync() as probe:  # fails fast, as in `open`
                 self._check_version(_run_sync(self._op_version(), probe))
-            pool: ConnectionPool[Any] = ConnectionPool(
+            pool: ConnectionPool[Any] = _ClientPool(
                 self.url,
                 min_size=1,
                 max_size=4,
@@ -896,6 +917,7 @@ class PostgresEngine(Engine):
                 # Only client calls use this pool: check each connection before use, as
                 # `_aexec` does, so a stale one is replaced rather than failing the caller.
                 check=ConnectionPool.check_connection,
+                reconnect_timeout=0,  # the calls waiting ask again instead (`_ClientPool`)
             )
             try:
                 pool.open(wait=True, timeout=10)
