@@ -24,6 +24,7 @@ from koban.engines.postgres.engine import (
     _NODE_REGISTRY_LOCK,
     COPY_MIN_JOBS,
     QUERIES,
+    _may_be_closed,
     _op_cancel,
     _op_estimate,
     _op_list,
@@ -57,7 +58,18 @@ def terminate_other_backends(url: str) -> list[int]:
         "SELECT pid, pg_terminate_backend(pid) FROM pg_stat_activity "
         "WHERE datname = current_database() AND pid <> pg_backend_pid()",
     )
-    return [r[0] for r in rows]
+    pids = [r[0] for r in rows]
+    wait_until_ended(url, pids)
+    return pids
+
+
+def wait_until_ended(url: str, pids: list[int]) -> None:
+    """pg_terminate_backend only signals: wait until those sessions have ended, as they have
+    by the time a restart or a failover is over."""
+    wait_until(
+        lambda: not sql_rows(url, "SELECT 1 FROM pg_stat_activity WHERE pid = ANY(%s)", [pids]),
+        what=f"sessions {pids} to end",
+    )
 
 
 def listener_pids(url: str) -> set[int]:
@@ -119,6 +131,49 @@ async def test_node_survives_repeated_terminations(apps: Callable[..., koban.Kob
             terminate_other_backends(app.engine.url)
             job = await noop.aenqueue({"round": round_})
             await wait_for_state(app, job.id or 0, JobState.COMPLETED)
+
+
+def test_a_closed_idle_connection_is_seen_without_a_round_trip(pg_url: str) -> None:
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        assert not _may_be_closed(conn)
+        conn.execute("SELECT 1").fetchall()
+        assert not _may_be_closed(conn)  # a finished statement leaves nothing to read
+        sql_rows(pg_url, "SELECT pg_terminate_backend(%s)", [conn.info.backend_pid])
+        wait_until_ended(pg_url, [conn.info.backend_pid])
+        assert _may_be_closed(conn)
+        with pytest.raises(psycopg.OperationalError):
+            conn.execute("SELECT 1")
+        assert _may_be_closed(conn)  # broken now
+
+
+@pytest.mark.parametrize("calls", ["async", "sync"])
+async def test_client_calls_replace_pooled_connections_the_server_closed(
+    pg_url: str, calls: str
+) -> None:
+    """No node: only client calls use the pools. Each checks its connection by a poll of the
+    socket rather than a round trip, and must still replace every connection that died idle."""
+    app = make_app(pg_url)
+
+    @app.worker
+    async def noop(job: Job) -> None: ...
+
+    async def enqueue(i: int) -> Job:
+        if calls == "async":
+            return await noop.aenqueue({"i": i})
+        return await asyncio.to_thread(noop.enqueue, {"i": i})
+
+    try:
+        await app.open()
+        # Several connections in the pool, all idle once these return.
+        await asyncio.gather(*(enqueue(i) for i in range(4)))
+        for round_ in range(3):
+            killed = terminate_other_backends(pg_url)
+            assert killed, "the client had no connections to terminate"
+            job = await enqueue(100 + round_)
+            assert job.id is not None
+            assert (await app.aget_job(job.id)) is not None
+    finally:
+        await app.close()
 
 
 class DeafEngine(PostgresEngine):

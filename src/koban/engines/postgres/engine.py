@@ -15,6 +15,7 @@ import dataclasses
 import json
 import logging
 import re
+import select
 import time
 from collections.abc import (
     AsyncIterator,
@@ -175,6 +176,34 @@ class _ClientPool(ConnectionPool[Any]):
             except PoolTimeout:
                 if left <= POOL_REASK_SECONDS:
                     raise
+
+
+def _may_be_closed(conn: psycopg.Connection[Any] | psycopg.AsyncConnection[Any]) -> bool:
+    """Whether a pooled connection needs a round trip to prove it alive before a client call.
+
+    An idle connection has nothing to read: the server speaks only when asked. When PostgreSQL
+    ends a session that sits in the pool (a restart, a failover, pg_terminate_backend), its
+    error and the connection's end arrive unasked and wait in the socket, where a poll that
+    does not block sees them. TLS may hold them in its own buffer, out of the poll's sight, so
+    a TLS connection is always checked.
+    """
+    if conn.closed or conn.broken or conn.pgconn.ssl_in_use:
+        return True
+    fd = conn.fileno()
+    try:
+        if hasattr(select, "poll"):
+            poller = select.poll()
+            poller.register(fd, select.POLLIN | select.POLLPRI)
+            return bool(poller.poll(0))
+        return bool(select.select([fd], [], [], 0)[0])  # pragma: no cover - Windows
+    except (OSError, ValueError):
+        return True
+
+
+def _check_client_connection(conn: psycopg.Connection[Any]) -> None:
+    """The sync client pool's check: a round trip only for a connection that may be closed."""
+    if _may_be_closed(conn):
+        ConnectionPool.check_connection(conn)
 
 
 def _int_array(values: Iterable[int]) -> str:
@@ -916,7 +945,7 @@ class PostgresEngine(Engine):
                 connection_class=pool_logging.ClientConnection,
                 # Only client calls use this pool: check each connection before use, as
                 # `_aexec` does, so a stale one is replaced rather than failing the caller.
-                check=ConnectionPool.check_connection,
+                check=_check_client_connection,
                 reconnect_timeout=0,  # the calls waiting ask again instead (`_ClientPool`)
             )
             try:
@@ -940,12 +969,14 @@ class PostgresEngine(Engine):
         pool = self._async_pool()
         # Client calls check their connection first, so one the server closed while it sat
         # in the pool (a restart, a failover, pg_terminate_backend) is replaced instead of
-        # failing the caller. The node's own statements skip the check: they retry anyway.
+        # failing the caller; a round trip only if the socket shows it may be closed
+        # (`_may_be_closed`). The node's own statements skip the check: they retry anyway.
         try:
             for tries_left in range(pool.max_size, -1, -1):
                 async with pool.connection() as c:
                     try:
-                        await AsyncConnectionPool.check_connection(c)
+                        if _may_be_closed(c):
+                            await AsyncConnectionPool.check_connection(c)
                     except psycopg.OperationalError as exc:
                         if not tries_left:  # nothing was sent: say so, not "lost mid-call"
                             raise self._unavailable(exc) from exc
