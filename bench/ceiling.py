@@ -5,7 +5,9 @@
   finishes the whole claimed batch in one statement);
 - enqueue: `COPY` into koban_jobs (bulk) and one plain `INSERT` per statement (single);
 - latency: a raw insert-plus-NOTIFY, received on a LISTEN connection, followed by one fetch
-  of the row; also the bare NOTIFY round trip and the bare fetch, reported separately.
+  of the row; also the bare NOTIFY round trip and the bare fetch, reported separately, and
+  the same path with commits that do not wait for the WAL flush (`synchronous_commit = off`),
+  to show what the two flushes cost.
 
 Runs in the main virtualenv (psycopg) plus the `pgbench` program of the PostgreSQL client.
 """
@@ -166,11 +168,16 @@ SELECT pg_notify('bench_insert', queue) FROM inserted
 """
 
 
-async def _latency(dsn: str, rate: float, count: int) -> dict[str, Any]:
+async def _latency(dsn: str, rate: float, count: int, flush: bool = True) -> dict[str, Any]:
     listener = await psycopg.AsyncConnection.connect(dsn, autocommit=True)
     sender = await psycopg.AsyncConnection.connect(dsn, autocommit=True)
     fetcher = await psycopg.AsyncConnection.connect(dsn, autocommit=True)
     await listener.execute("LISTEN bench_insert")
+    if not flush:
+        # Commits return before their WAL reaches the disk: what the same path costs without
+        # the two flushes (the insert's and the claim's). Measured only to show their share.
+        for conn in (sender, fetcher):
+            await conn.execute("SET synchronous_commit = off")
     sent: dict[int, float] = {}
     started: list[float] = []
     notify_rtt: list[float] = []
@@ -220,6 +227,11 @@ async def _latency(dsn: str, rate: float, count: int) -> dict[str, Any]:
 
 
 def latency(dsn: str, rate: float, seconds: float) -> dict[str, Any]:
-    """Insert-to-claim latency of raw SQL: INSERT+NOTIFY, LISTEN, then one fetch."""
+    """Insert-to-claim latency of raw SQL: INSERT+NOTIFY, LISTEN, then one fetch; then, for a
+    third as long, the same with `synchronous_commit = off` (`unflushed_p50_ms`)."""
     reset(dsn)
-    return asyncio.run(_latency(dsn, rate, max(1, int(rate * seconds))))
+    out = asyncio.run(_latency(dsn, rate, max(1, int(rate * seconds))))
+    reset(dsn)
+    unflushed = asyncio.run(_latency(dsn, rate, max(1, int(rate * seconds / 3)), flush=False))
+    out["unflushed_p50_ms"] = unflushed["p50_ms"]
+    return out

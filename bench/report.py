@@ -77,6 +77,13 @@ def markdown(results: dict[str, Any]) -> str:
                     f"Ceiling: raw INSERT+NOTIFY, LISTEN, one fetch. Its parts: NOTIFY round trip p50 "
                     f"{_fmt(ceil.get('notify_p50_ms'), 2)} ms, one fetch p50 {_fmt(ceil.get('fetch_p50_ms'), 2)} ms.",
                 ]
+                if ceil.get("unflushed_p50_ms") is not None:
+                    lines[-1] += (
+                        " The same path with commits that do not wait for the WAL flush "
+                        "(`synchronous_commit = off`, which koban does not use): p50 "
+                        f"{_fmt(ceil.get('unflushed_p50_ms'), 2)} ms; the difference is the "
+                        "insert's and the claim's flushes to disk."
+                    )
         else:
             count = {"burndown": c["burndown_jobs"], "enqueue_bulk": c["enqueue_bulk_jobs"],
                      "enqueue_single": c["enqueue_single_jobs"]}[workload]  # fmt: skip
