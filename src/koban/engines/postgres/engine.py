@@ -187,7 +187,7 @@ def _may_be_closed(conn: psycopg.Connection[Any] | psycopg.AsyncConnection[Any])
     does not block sees them. TLS may hold them in its own buffer, out of the poll's sight, so
     a TLS connection is always checked.
     """
-    if conn.closed or conn.broken or conn.pgconn.ssl_in_use:
+    if conn.closed or conn.broken or getattr(conn.pgconn, "ssl_in_use", True):
         return True
     fd = conn.fileno()
     try:
