@@ -60,6 +60,36 @@ async def test_fetch_claims_one_attempt(apps: AppFactory, clock: koban.FrozenClo
     assert stored is not None and stored.state is JobState.EXECUTING and stored.attempt == 1
 
 
+async def test_a_fetched_job_carries_its_json_fields_exactly(
+    apps: AppFactory, clock: koban.FrozenClock
+) -> None:
+    """Args, meta and errors reach the worker as stored: text, nesting, numbers, escapes, and
+    the errors and meta a failed attempt recorded."""
+    app = apps(clock=clock)
+    await app.open()
+    args = {
+        "s": 'héllo ✓ \\ \n\t "q" {} []',
+        "nested": {"list": [1, 2.5, -3, True, None, {"k": []}], "empty": {}},
+        "big": 12345678901234567890,
+        "": "empty key",
+    }
+    job = await app.aenqueue(Job(worker="w.json", args=args, meta={"m": [1, {}]}, max_attempts=3))
+    [first] = await app.engine.fetch("default", 5, "node-a", "p1", now=T0)
+    assert (first.args, first.meta, first.errors) == (args, {"m": [1, {}]}, [])
+    error = {"attempt": 1, "error": "ValueError: ✗ {}", "at": "2026-01-01T00:00:00+00:00"}
+    failed = Ack(first.id or 0, 1, JobState.AVAILABLE, delay=0.0, error=error, meta={"out": {}})
+    assert await app.engine.ack([failed], now=T0) == 1
+
+    [second] = await app.engine.fetch("default", 5, "node-a", "p1", now=T0)
+    stored = await app.aget_job(job.id or 0)
+    assert stored is not None
+    assert second.attempt == 2
+    assert (second.args, second.meta, second.errors) == (stored.args, stored.meta, stored.errors)
+    assert second.args == args
+    assert second.errors and second.errors[-1]["error"] == "ValueError: ✗ {}"
+    assert second.meta["m"] == [1, {}] and second.meta["out"] == {}
+
+
 async def test_fetch_takes_only_available_jobs_of_its_queue(app: koban.Koban) -> None:
     await app.open()
     mine = await app.aenqueue(Job(worker="w.q"))

@@ -77,10 +77,11 @@ SET state = 'executing',
     attempted_by = ARRAY[%(node)s::text, %(producer)s::text]
 FROM picked
 WHERE j.id = picked.id
--- In the order of FETCHED_COLUMNS in engine.py, which turns each row into a Job.
-RETURNING j.id, j.state, j.queue, j.worker, j.args, j.meta, j.tags, j.errors, j.priority,
-          j.attempt, j.max_attempts, j.attempted_by, j.inserted_at, j.scheduled_at,
-          j.attempted_at, j.unique_key;
+-- In the order of FETCHED_COLUMNS in engine.py; `fetched_job` turns each row into a Job and
+-- decodes the JSON columns, sent as text.
+RETURNING j.id, j.state, j.queue, j.worker, j.args::text, j.meta::text, j.tags,
+          j.errors::text, j.priority, j.attempt, j.max_attempts, j.attempted_by,
+          j.inserted_at, j.scheduled_at, j.attempted_at, j.unique_key;
 
 -- name: complete_jobs
 -- Mark jobs completed, only where they are still executing the attempt that finished.
