@@ -123,21 +123,19 @@ def fetched_job(row: tuple[Any, ...]) -> Job:
     """A claimed job from a `fetch_jobs` row (a node builds one per job it runs: rows as
     tuples save a dict per row, and its filtering, on the node's hottest path).
 
-    The row carries args, meta and errors as JSON text, decoded here: psycopg's jsonb loader
-    is Python called once per value, and was a tenth of a node's busy time in the burn-down.
+    The row carries args, meta and errors as JSON text, decoded here: psycopg's jsonb loader,
+    Python code around `_json_loads` called once per value, was a tenth of a node's busy time
+    in the burn-down.
     """
     (job_id, state, queue, worker, args, meta, tags, errors, priority, attempt, max_attempts,
      attempted_by, inserted_at, scheduled_at, attempted_at, unique_key) = row  # fmt: skip
     return Job(
-        worker=worker, args=_loads(args), queue=queue, state=_STATES[state], priority=priority,
-        max_attempts=max_attempts, meta={} if meta == "{}" else _loads(meta), tags=tags,
-        id=job_id, attempt=attempt, errors=[] if errors == "[]" else _loads(errors),
-        inserted_at=inserted_at, scheduled_at=scheduled_at, attempted_at=attempted_at,
-        attempted_by=attempted_by, unique_key=unique_key,
+        worker=worker, args=_json_loads(args), queue=queue, state=_STATES[state],
+        priority=priority, max_attempts=max_attempts, meta=_json_loads(meta), tags=tags,
+        id=job_id, attempt=attempt, errors=_json_loads(errors), inserted_at=inserted_at,
+        scheduled_at=scheduled_at, attempted_at=attempted_at, attempted_by=attempted_by,
+        unique_key=unique_key,
     )  # fmt: skip
-
-
-_loads = json.loads
 
 
 #: How long one request for a pooled connection waits before it is made again (`_NodePool`).
@@ -220,10 +218,9 @@ def _int_array(values: Iterable[int]) -> str:
 
 
 def _json_loads(data: str | bytes) -> Any:
-    """`json.loads` for jsonb columns, with the values most job rows hold ready-made.
-
-    Every fetched job carries args, meta and errors; meta and errors are usually empty, and
-    decoding them was a tenth of a node's time in the burn-down benchmark.
+    """`json.loads` for jsonb columns (psycopg's loader calls it) and for the JSON text of a
+    fetched job's args, meta and errors (`fetched_job`), with the values most job rows hold
+    ready-made: meta and errors are usually empty.
     """
     text = data if isinstance(data, str) else bytes(data).decode()
     if text == "{}":
