@@ -20,6 +20,7 @@ from helpers import await_until, count_jobs, make_app, sql_rows, wait_for_state,
 from koban import Job, JobState
 from koban.engines.base import JobFilter, NodeInfo, NotificationHandler
 from koban.engines.postgres import PostgresEngine
+from koban.engines.postgres import engine as engine_module
 from koban.engines.postgres.engine import (
     _NODE_REGISTRY_LOCK,
     COPY_MIN_JOBS,
@@ -174,6 +175,42 @@ async def test_client_calls_replace_pooled_connections_the_server_closed(
             assert (await app.aget_job(job.id)) is not None
     finally:
         await app.close()
+
+
+def test_threads_making_their_first_sync_call_at_once_share_one_pool(
+    pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The sync pool is opened on first use. Threads arriving together must not each open one:
+    the extra pools were dropped unclosed, each with its connection and threads."""
+    opened: list[object] = []
+
+    class CountedPool(engine_module._ClientPool):  # type: ignore[misc]
+        def open(self, *args: Any, **kwargs: Any) -> None:
+            opened.append(self)
+            super().open(*args, **kwargs)
+
+    monkeypatch.setattr(engine_module, "_ClientPool", CountedPool)
+    app = make_app(pg_url)
+
+    @app.worker
+    def noop(job: Job) -> None: ...
+
+    threads = 8
+    barrier = threading.Barrier(threads)
+    ids: list[int] = []
+
+    def first_call(i: int) -> None:
+        barrier.wait()
+        ids.append(noop.enqueue({"i": i}).id or 0)
+
+    workers = [threading.Thread(target=first_call, args=(i,)) for i in range(threads)]
+    for t in workers:
+        t.start()
+    for t in workers:
+        t.join()
+    app.engine.close_sync()
+    assert len(set(ids)) == threads
+    assert len(opened) == 1
 
 
 class DeafEngine(PostgresEngine):

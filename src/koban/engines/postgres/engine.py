@@ -16,6 +16,7 @@ import json
 import logging
 import re
 import select
+import threading
 import time
 from collections.abc import (
     AsyncIterator,
@@ -876,6 +877,8 @@ class PostgresEngine(Engine):
         self._pool_size = pool_size
         self._pool: AsyncConnectionPool | None = None
         self._sync_pool: ConnectionPool | None = None
+        # Threads making their first sync call at once must share one pool, not each open one.
+        self._sync_lock = threading.Lock()
         self._throttle = InsertNotifyThrottle(self._notify_inserts_sync)
 
     def __repr__(self) -> str:
@@ -931,35 +934,43 @@ class PostgresEngine(Engine):
 
     def close_sync(self) -> None:
         self._throttle.close()
-        pool, self._sync_pool = self._sync_pool, None
+        with self._sync_lock:
+            pool, self._sync_pool = self._sync_pool, None
         if pool is not None:
             pool.close()
 
     def _sync(self) -> ConnectionPool:
-        if self._sync_pool is None:
-            with self._connect_sync() as probe:  # fails fast, as in `open`
-                self._check_version(_run_sync(self._op_version(), probe))
-            pool: ConnectionPool[Any] = _ClientPool(
-                self.url,
-                min_size=1,
-                max_size=4,
-                kwargs={"autocommit": True},
-                open=False,
-                name="koban-sync",
-                configure=_configure_sync,
-                connection_class=pool_logging.ClientConnection,
-                # Only client calls use this pool: check each connection before use, as
-                # `_aexec` does, so a stale one is replaced rather than failing the caller.
-                check=_check_client_connection,
-                reconnect_timeout=0,  # the calls waiting ask again instead (`_ClientPool`)
-            )
-            try:
-                pool.open(wait=True, timeout=10)
-            except Exception as exc:
-                pool.close()
-                raise self._unavailable(exc) from None
-            self._sync_pool = pool
-        return self._sync_pool
+        pool = self._sync_pool
+        if pool is not None:
+            return pool
+        with self._sync_lock:
+            if self._sync_pool is None:
+                self._sync_pool = self._open_sync_pool()
+            return self._sync_pool
+
+    def _open_sync_pool(self) -> ConnectionPool:
+        with self._connect_sync() as probe:  # fails fast, as in `open`
+            self._check_version(_run_sync(self._op_version(), probe))
+        pool: ConnectionPool[Any] = _ClientPool(
+            self.url,
+            min_size=1,
+            max_size=4,
+            kwargs={"autocommit": True},
+            open=False,
+            name="koban-sync",
+            configure=_configure_sync,
+            connection_class=pool_logging.ClientConnection,
+            # Only client calls use this pool: check each connection before use, as
+            # `_aexec` does, so a stale one is replaced rather than failing the caller.
+            check=_check_client_connection,
+            reconnect_timeout=0,  # the calls waiting ask again instead (`_ClientPool`)
+        )
+        try:
+            pool.open(wait=True, timeout=10)
+        except Exception as exc:
+            pool.close()
+            raise self._unavailable(exc) from None
+        return pool
 
     def _async_pool(self) -> AsyncConnectionPool:
         if self._pool is None:
