@@ -1,8 +1,8 @@
 """The ceiling: what PostgreSQL itself does for the same work, with no job system around it.
 
 - burn-down: koban's own fetch and complete statements, run by pgbench on koban's schema,
-  batched as koban batches (each fetch claims up to the queue's slots, each complete
-  finishes the whole claimed batch in one statement);
+  batched as koban batches (each fetch claims as many jobs as one koban fetch at most claims,
+  `MAX_FETCH`; each complete finishes the whole claimed batch in one statement);
 - enqueue: `COPY` into koban_jobs (bulk) and one plain `INSERT` per statement (single);
 - latency: a raw insert-plus-NOTIFY, received on a LISTEN connection, followed by one fetch
   of the row; also the bare NOTIFY round trip and the bare fetch, reported separately, and

@@ -87,8 +87,14 @@ def markdown(results: dict[str, Any]) -> str:
         else:
             count = {"burndown": c["burndown_jobs"], "enqueue_bulk": c["enqueue_bulk_jobs"],
                      "enqueue_single": c["enqueue_single_jobs"]}[workload]  # fmt: skip
+            per_run = f"{count:,} jobs per run."
+            if workload == "burndown" and c.get("koban_slots") is not None:
+                per_run += (
+                    f" koban: one queue of {c['koban_slots']} slots;"
+                    f" the ceiling claims {c.get('ceiling_batch', c['koban_slots'])} per batch."
+                )
             lines += [
-                f"{count:,} jobs per run.",
+                per_run,
                 "",
                 "| system | jobs/s | seconds | koban's ratio |",
                 "|---|---:|---:|---:|",

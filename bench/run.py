@@ -45,6 +45,8 @@ import ceiling  # noqa: E402
 import psycopg  # noqa: E402
 from psycopg.conninfo import conninfo_to_dict, make_conninfo  # noqa: E402
 
+from koban.runtime.producer import MAX_FETCH  # noqa: E402
+
 # Pinned so a re-run measures the same peers; bump deliberately and say so in the README.
 PEER_PACKAGES: dict[str, list[str]] = {
     "procrastinate": ["procrastinate==3.10.0", "psycopg[binary]>=3.2"],
@@ -301,7 +303,10 @@ def main(argv: list[str] | None = None) -> int:
         help="seconds a burn-down may take; a slower system is reported with the rate it reached",
     )
     p.add_argument(
-        "--slots", type=int, default=100, help="koban's queue slots (= the ceiling's batch)"
+        "--slots",
+        type=int,
+        default=200,
+        help="koban's queue slots; the ceiling's batch is the most one koban fetch claims (100)",
     )
     p.add_argument("--rate", type=float, default=100.0, help="steady-state inserts per second")
     p.add_argument(
@@ -425,7 +430,7 @@ def main(argv: list[str] | None = None) -> int:
             "rounds": rounds,
             "burndown_jobs": jobs,
             "koban_slots": ns.slots,
-            "ceiling_batch": ns.slots,
+            "ceiling_batch": min(ns.slots, MAX_FETCH),
             "latency_rate": ns.rate,
             "latency_seconds": latency_seconds,
             "enqueue_bulk_jobs": enqueue_jobs,
@@ -444,7 +449,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             if system == "ceiling":
                 if workload == "burndown":
-                    r = ceiling.burndown(koban_dsn, jobs, ns.slots)
+                    # Batched as koban batches: one fetch claims at most MAX_FETCH jobs.
+                    r = ceiling.burndown(koban_dsn, jobs, min(ns.slots, MAX_FETCH))
                 elif workload == "latency":
                     r = ceiling.latency(koban_dsn, ns.rate, latency_seconds)
                 elif workload == "enqueue_bulk":

@@ -6,10 +6,14 @@ import asyncio
 import threading
 from datetime import timedelta
 
+import pytest
+
 import koban
+import koban.runtime.node as node_module
 from helpers import T0, AppFactory, await_until, wait_for_state
 from koban import Job, JobState
 from koban.plugins.stager import Stager
+from koban.runtime.producer import MAX_FETCH
 
 
 def seconds_after_t0(value: object) -> float:
@@ -304,6 +308,46 @@ async def test_node_runs_only_its_queues_within_slot_limits(apps: AppFactory) ->
 
     assert peak[0] == 2
     assert idle is not None and idle.state is JobState.AVAILABLE
+
+
+async def test_a_queue_wider_than_one_fetch_fills_every_slot_without_waiting(
+    apps: AppFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each fetch claims at most MAX_FETCH jobs; while slots stay free after a full fetch, the
+    producer fetches again at once, not when a job finishes or its poll interval passes."""
+    slots = 2 * MAX_FETCH + 50
+    app = apps(queues={"default": slots})
+    # No poll may fill the slots within the test: only the producer's own refetching can.
+    monkeypatch.setattr(node_module, "HEALTHY_POLL", 3600.0)
+    monkeypatch.setattr(app.engine, "poll_interval", 3600.0)
+    asked: list[int] = []
+    fetch = app.engine.fetch
+
+    async def spy(queue: str, limit: int, *args: object, **kwargs: object) -> list[Job]:
+        asked.append(limit)
+        return await fetch(queue, limit, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(app.engine, "fetch", spy)
+    gate = asyncio.Event()
+    running: set[int] = set()
+
+    @app.worker
+    async def held(job: Job) -> None:
+        running.add(job.id or 0)
+        await gate.wait()
+
+    jobs = await app.aenqueue_many(held.new({"i": i}) for i in range(slots + 10))
+    async with app:
+        # No job finishes until the gate opens, so every slot is filled by back-to-back fetches.
+        await await_until(lambda: len(running) == slots, what=f"{slots} jobs running")
+        executing = await app.alist_jobs(states=["executing"], limit=1000)
+        assert len(executing) == slots  # never past the queue's slots
+        gate.set()
+        for j in jobs:
+            await wait_for_state(app, j.id or 0, JobState.COMPLETED)
+
+    assert asked[:3] == [MAX_FETCH, MAX_FETCH, 50]
+    assert max(asked) <= MAX_FETCH
 
 
 async def test_scheduled_at_in_the_past_runs_at_once_and_future_waits(app: koban.Koban) -> None:

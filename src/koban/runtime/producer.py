@@ -1,8 +1,10 @@
 """Producer: keeps one queue's slots busy on one node.
 
-It claims up to its free slots in one fetch, hands each job to the Executor, queues the outcome
-with the Acker, and fetches again when slots free up, when a notification says jobs arrived, or
-when its poll interval passes.
+It claims up to its free slots in one fetch (at most `MAX_FETCH` rows), hands each job to the
+Executor, queues the outcome with the Acker, and fetches again when slots free up, when a
+notification says jobs arrived, or when its poll interval passes. While a full fetch leaves
+slots free, the next fetch goes out at once: the database claims the next batch while the node
+runs this one.
 """
 
 from __future__ import annotations
@@ -20,6 +22,11 @@ from koban.runtime.acker import Acker
 from koban.runtime.executor import Executor
 
 log = logging.getLogger("koban.producer")
+
+#: The most jobs one fetch claims. A queue with more free slots fetches again at once, so a
+#: large queue keeps one fetch in flight while the last batch runs instead of claiming every
+#: slot in one statement and then leaving the database idle while it runs them.
+MAX_FETCH = 100
 
 
 class Producer:
@@ -100,7 +107,7 @@ class Producer:
         delay = 0.1
         while self._fetching:
             self._wake.clear()
-            asked = 0 if self.paused else self.free
+            asked = 0 if self.paused else min(self.free, MAX_FETCH)
             if asked and self._look:
                 # Consumed before the fetch, so a wake-up arriving during it is not lost.
                 self._look = False
@@ -124,6 +131,11 @@ class Producer:
                 self._more = len(jobs) == asked
                 if not self._fetching:
                     break
+                if self._more and self.free and not self.paused:
+                    # More may be waiting and slots are free: claim the next batch now, so the
+                    # database works on it while the jobs just started run.
+                    self._look = True
+                    continue
             if not await self._sleep(self.poll_interval()):
                 self._look = True  # the poll interval passed: look again
             else:
