@@ -131,7 +131,7 @@ class Producer:
                 self._more = len(jobs) == asked
                 if not self._fetching:
                     break
-                if self._more and self.free and not self.paused:
+                if self._more and self.free:
                     # More may be waiting and slots are free: claim the next batch now, so the
                     # database works on it while the jobs just started run.
                     self._look = True
