@@ -18,7 +18,7 @@ its wait. Written to --out:
 Latency: a node runs in this process while a second process inserts jobs one at a time with
 koban's client at 100 per second, each carrying the wall time just before its insert call.
 The node records when each insert notification arrives, when each fetch is sent and returns,
-and when each job starts (by wrapping `Node._on_notification` and `engine.fetch`: this is a
+and when each job starts (by wrapping `Node._on_notification` and `engine.claim`: this is a
 measurement harness, not an API). `latency.md` gives p50 and p95 of each part: the insert call
 (as the client sees it), commit to notification, notification to fetch, the fetch, and fetch to
 the job's start. Both processes read one clock, as the benchmark's latency workload does.
@@ -38,6 +38,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
@@ -55,7 +56,7 @@ SLOTS = 200
 BUCKETS: list[tuple[str, tuple[str, ...]]] = [
     ("waiting: event loop idle (select), nothing ready", ("select (selectors.py",)),
     ("waiting: other threads (pool workers, timers) asleep", ("wait (threading.py",)),
-    ("fetch: claim statement and its rows", ("PostgresEngine.fetch ",)),
+    ("fetch: claim statement and its rows", ("PostgresEngine.claim",)),
     ("ack: outcome statements (Acker)", ("Acker.",)),
     ("running jobs (tasks, Executor, telemetry)", ("Producer._execute", "Producer._start")),
     ("node plugins (heartbeat, stager, leadership, ...)", ("koban/plugins/", "runtime/node.py")),
@@ -223,16 +224,17 @@ async def measure_latency(dsn: str, count: int, rate: float) -> dict[str, list[f
         on_notification(self, channel, payload)
 
     Node._on_notification = record_notification
-    fetch = node.engine.fetch
+    claim = node.engine.claim
 
-    async def record_fetch(*args: object, **kwargs: object) -> list[koban.Job]:
+    async def record_claim(*args: object, **kwargs: object) -> Sequence[object]:
         sent = time.time()
-        jobs = await fetch(*args, **kwargs)
-        if jobs:
+        rows = await claim(*args, **kwargs)
+        if rows:
+            jobs = node.engine.claimed_jobs(rows)  # again, for the ids; the producer builds its own
             fetches.append((sent, time.time(), [int(j.args.get("i", -1)) for j in jobs]))
-        return jobs
+        return rows
 
-    node.engine.fetch = record_fetch
+    node.engine.claim = record_claim
     try:
         await node.start()
         await asyncio.sleep(1.0)  # connected and listening

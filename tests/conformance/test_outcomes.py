@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from collections.abc import Sequence
 from datetime import timedelta
 
 import pytest
@@ -314,20 +315,28 @@ async def test_a_queue_wider_than_one_fetch_fills_every_slot_without_waiting(
     apps: AppFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Each fetch claims at most MAX_FETCH jobs; while slots stay free after a full fetch, the
-    producer fetches again at once, not when a job finishes or its poll interval passes."""
+    producer fetches again at once, not when a job finishes or its poll interval passes, and
+    before it builds the jobs of the batch just claimed."""
     slots = 2 * MAX_FETCH + 50
     app = apps(queues={"default": slots})
     # No poll may fill the slots within the test: only the producer's own refetching can.
     monkeypatch.setattr(node_module, "HEALTHY_POLL", 3600.0)
     monkeypatch.setattr(app.engine, "poll_interval", 3600.0)
     asked: list[int] = []
-    fetch = app.engine.fetch
+    steps: list[tuple[str, int]] = []
+    claim, claimed_jobs = app.engine.claim, app.engine.claimed_jobs
 
-    async def spy(queue: str, limit: int, *args: object, **kwargs: object) -> list[Job]:
+    async def spy(queue: str, limit: int, *args: object, **kwargs: object) -> Sequence[object]:
         asked.append(limit)
-        return await fetch(queue, limit, *args, **kwargs)  # type: ignore[arg-type]
+        steps.append(("claim", limit))
+        return await claim(queue, limit, *args, **kwargs)
 
-    monkeypatch.setattr(app.engine, "fetch", spy)
+    def build_spy(rows: Sequence[object]) -> list[Job]:
+        steps.append(("build", len(rows)))
+        return claimed_jobs(rows)
+
+    monkeypatch.setattr(app.engine, "claim", spy)
+    monkeypatch.setattr(app.engine, "claimed_jobs", build_spy)
     gate = asyncio.Event()
     running: set[int] = set()
 
@@ -348,6 +357,60 @@ async def test_a_queue_wider_than_one_fetch_fills_every_slot_without_waiting(
 
     assert asked[:3] == [MAX_FETCH, MAX_FETCH, 50]
     assert max(asked) <= MAX_FETCH
+    # Each next claim went out before the batch before it was built into jobs.
+    assert steps[:6] == [
+        ("claim", MAX_FETCH),
+        ("claim", MAX_FETCH),
+        ("build", MAX_FETCH),
+        ("claim", 50),
+        ("build", MAX_FETCH),
+        ("build", 50),
+    ]
+
+
+async def test_jobs_claimed_while_the_node_stops_still_run(
+    apps: AppFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A claim sent ahead, still in flight when the node is told to stop, is waited for: its
+    jobs run and are recorded, none is left executing, and no claim goes out after it."""
+    app = apps(queues={"default": 2 * MAX_FETCH})
+    monkeypatch.setattr(node_module, "HEALTHY_POLL", 3600.0)
+    monkeypatch.setattr(app.engine, "poll_interval", 3600.0)
+    claim = app.engine.claim
+    asked: list[int] = []
+    second_sent, release = asyncio.Event(), asyncio.Event()
+
+    async def spy(queue: str, limit: int, *args: object, **kwargs: object) -> Sequence[object]:
+        asked.append(limit)
+        if len(asked) == 2:
+            # The stop arrives as the claim goes out, before the last batch's jobs start.
+            assert app.node is not None
+            app.node.producers["default"].stop_fetching()
+            second_sent.set()
+            await release.wait()
+        return await claim(queue, limit, *args, **kwargs)
+
+    monkeypatch.setattr(app.engine, "claim", spy)
+    ran: list[int] = []
+
+    @app.worker
+    async def noop(job: Job) -> None:
+        ran.append(job.id or 0)
+
+    await app.aenqueue_many(noop.new({"i": i}) for i in range(2 * MAX_FETCH + 50))
+    await app.start()
+    await asyncio.wait_for(second_sent.wait(), 10)
+    stopping = asyncio.create_task(app.stop(grace=10))
+    await asyncio.sleep(0.2)
+    assert not stopping.done()  # the stop waits for the claim in flight
+    release.set()
+    await asyncio.wait_for(stopping, 20)
+
+    assert asked == [MAX_FETCH, MAX_FETCH]
+    assert len(ran) == 2 * MAX_FETCH
+    assert len(await app.alist_jobs(states=["completed"], limit=1000)) == 2 * MAX_FETCH
+    assert await app.alist_jobs(states=["executing"]) == []
+    assert len(await app.alist_jobs(states=["available"], limit=1000)) == 50
 
 
 async def test_scheduled_at_in_the_past_runs_at_once_and_future_waits(app: koban.Koban) -> None:

@@ -273,6 +273,21 @@ class Engine(ABC):
         processes; never claims a job whose attempts are used up.
         """
 
+    async def claim(
+        self, queue: str, limit: int, node: str, producer: str, now: datetime | None = None
+    ) -> Sequence[Any]:
+        """Claim as `fetch` does, but return the claimed rows as the engine received them.
+
+        `claimed_jobs` builds them into Jobs. A producer sends its next claim between the
+        two steps, so the database works on it while the node builds and starts this batch.
+        The default claims through `fetch`, its rows already Jobs.
+        """
+        return await self.fetch(queue, limit, node, producer, now)
+
+    def claimed_jobs(self, rows: Sequence[Any]) -> list[Job]:
+        """The Jobs of rows `claim` returned, in `fetch`'s order."""
+        return list(rows)
+
     @abstractmethod
     async def ack(self, acks: Sequence[Ack], now: datetime | None = None) -> int:
         """Record outcomes in one statement; return how many jobs were still executing them."""

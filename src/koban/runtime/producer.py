@@ -3,8 +3,8 @@
 It claims up to its free slots in one fetch (at most `MAX_FETCH` rows), hands each job to the
 Executor, queues the outcome with the Acker, and fetches again when slots free up, when a
 notification says jobs arrived, or when its poll interval passes. While a full fetch leaves
-slots free, the next fetch goes out at once: the database claims the next batch while the node
-runs this one.
+slots free, the next fetch goes out at once, before this batch's jobs are even built: the
+database claims the next batch while the node starts and runs this one.
 """
 
 from __future__ import annotations
@@ -12,8 +12,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import datetime
+from typing import Any
 
 from koban.clock import Clock
 from koban.engines.base import Engine
@@ -103,44 +104,67 @@ class Producer:
 
     # ----- loop -----------------------------------------------------------------------------
     async def run(self) -> None:
-        """Fetch and start jobs until `stop_fetching`; running jobs are left to finish."""
+        """Fetch and start jobs until `stop_fetching`; running jobs are left to finish.
+
+        At most one claim is in flight, and it never asks for more than the slots left free by
+        the jobs running: a queue never runs more jobs than its limit. A claim that returns
+        full while slots stay free sends the next claim before this batch's jobs are built
+        and started, so the database claims the next batch while the node handles this one.
+        """
         delay = 0.1
-        while self._fetching:
-            self._wake.clear()
-            asked = 0 if self.paused else min(self.free, MAX_FETCH)
-            if asked and self._look:
-                # Consumed before the fetch, so a wake-up arriving during it is not lost.
-                self._look = False
+        claim: asyncio.Task[Sequence[Any]] | None = None  # the claim in flight
+        asked = 0
+        try:
+            while self._fetching or claim is not None:
+                self._wake.clear()
+                if claim is None:
+                    asked = 0 if self.paused else min(self.free, MAX_FETCH)
+                    if not (asked and self._look):
+                        if not await self._sleep(self.poll_interval()):
+                            self._look = True  # the poll interval passed: look again
+                        else:
+                            # Let a burst of finishing jobs free their slots before the next
+                            # fetch.
+                            await asyncio.sleep(0)
+                        continue
+                    # Consumed before the claim, so a wake-up arriving during it is not lost.
+                    self._look = False
+                    claim = self._claim(asked)
                 try:
-                    jobs = await self.engine.fetch(
-                        self.queue, asked, self.node, self.id, now=self._now()
-                    )
+                    rows = await claim
                 except Exception as exc:
+                    claim = None
                     self._log_failure(exc)
                     self._look = True
-                    await self._sleep(delay)
+                    if self._fetching:
+                        await self._sleep(delay)
                     delay = min(delay * 2, 5.0)
                     continue
+                claim = None
                 if self._failing:
                     log.info("queue %r on node %s is fetching again", self.queue, self.node)
                     self._failing = False
                 delay = 0.1
-                for job in jobs:
+                # A full batch means more may be waiting. With slots left free beside it, claim
+                # the next batch now, before building this one's jobs, and let the claim send
+                # its statement.
+                more = len(rows) == asked
+                left = self.free - len(rows)
+                if more and left > 0 and self._fetching and not self.paused:
+                    asked = min(left, MAX_FETCH)
+                    claim = self._claim(asked)
+                    await asyncio.sleep(0)
+                for job in self.engine.claimed_jobs(rows):
                     self._start(job)
-                # A full batch means more may be waiting: fetch again as soon as a slot frees.
-                self._more = len(jobs) == asked
-                if not self._fetching:
-                    break
-                if self._more and self.free:
-                    # More may be waiting and slots are free: claim the next batch now, so the
-                    # database works on it while the jobs just started run.
-                    self._look = True
-                    continue
-            if not await self._sleep(self.poll_interval()):
-                self._look = True  # the poll interval passed: look again
-            else:
-                # Let a burst of finishing jobs free their slots before the next fetch.
-                await asyncio.sleep(0)
+                self._more = more
+        finally:
+            if claim is not None:  # cancelled with a claim in flight
+                claim.cancel()
+
+    def _claim(self, limit: int) -> asyncio.Task[Sequence[Any]]:
+        return asyncio.ensure_future(
+            self.engine.claim(self.queue, limit, self.node, self.id, now=self._now())
+        )
 
     async def _sleep(self, seconds: float) -> bool:
         """Wait for a wake-up or `seconds`; True if woken."""

@@ -1233,6 +1233,11 @@ class PostgresEngine(Engine):
     async def fetch(
         self, queue: str, limit: int, node: str, producer: str, now: datetime | None = None
     ) -> list[Job]:
+        return self.claimed_jobs(await self.claim(queue, limit, node, producer, now))
+
+    async def claim(
+        self, queue: str, limit: int, node: str, producer: str, now: datetime | None = None
+    ) -> list[tuple[Any, ...]]:
         if limit <= 0:
             return []
         async with self._node_connection() as conn, conn.cursor() as cur:
@@ -1240,7 +1245,9 @@ class PostgresEngine(Engine):
                 QUERIES["fetch_jobs"],
                 {"queue": queue, "limit": limit, "node": node, "producer": producer, "now": now},
             )
-            rows = await cur.fetchall()
+            return await cur.fetchall()
+
+    def claimed_jobs(self, rows: Sequence[Any]) -> list[Job]:
         jobs = [fetched_job(r) for r in rows]
         jobs.sort(key=lambda j: (j.priority, j.scheduled_at, j.id))
         return jobs
