@@ -14,7 +14,7 @@ import koban.runtime.node as node_module
 from helpers import T0, AppFactory, await_until, wait_for_state
 from koban import Job, JobState
 from koban.plugins.stager import Stager
-from koban.runtime.producer import MAX_FETCH
+from koban.runtime.producer import MAX_CLAIMS, MAX_FETCH
 
 
 def seconds_after_t0(value: object) -> float:
@@ -314,22 +314,27 @@ async def test_node_runs_only_its_queues_within_slot_limits(apps: AppFactory) ->
 async def test_a_queue_wider_than_one_fetch_fills_every_slot_without_waiting(
     apps: AppFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Each fetch claims at most MAX_FETCH jobs; while slots stay free after a full fetch, the
-    producer fetches again at once, not when a job finishes or its poll interval passes, and
-    before it builds the jobs of the batch just claimed."""
-    slots = 2 * MAX_FETCH + 50
+    """Each claim takes at most MAX_FETCH jobs; while slots stay free after a full claim, the
+    producer claims again at once, not when a job finishes or its poll interval passes: up to
+    MAX_CLAIMS claims in flight, sent before it builds the jobs of the batch just claimed."""
+    assert MAX_CLAIMS == 2  # the sequence below is worked out for two claims in flight
+    slots = 3 * MAX_FETCH + 50
     app = apps(queues={"default": slots})
     # No poll may fill the slots within the test: only the producer's own refetching can.
     monkeypatch.setattr(node_module, "HEALTHY_POLL", 3600.0)
     monkeypatch.setattr(app.engine, "poll_interval", 3600.0)
-    asked: list[int] = []
     steps: list[tuple[str, int]] = []
+    in_flight = [0, 0]  # now, most at once
     claim, claimed_jobs = app.engine.claim, app.engine.claimed_jobs
 
     async def spy(queue: str, limit: int, *args: object, **kwargs: object) -> Sequence[object]:
-        asked.append(limit)
         steps.append(("claim", limit))
-        return await claim(queue, limit, *args, **kwargs)
+        in_flight[0] += 1
+        in_flight[1] = max(in_flight)
+        try:
+            return await claim(queue, limit, *args, **kwargs)
+        finally:
+            in_flight[0] -= 1
 
     def build_spy(rows: Sequence[object]) -> list[Job]:
         steps.append(("build", len(rows)))
@@ -347,22 +352,25 @@ async def test_a_queue_wider_than_one_fetch_fills_every_slot_without_waiting(
 
     jobs = await app.aenqueue_many(held.new({"i": i}) for i in range(slots + 10))
     async with app:
-        # No job finishes until the gate opens, so every slot is filled by back-to-back fetches.
-        await await_until(lambda: len(running) == slots, what=f"{slots} jobs running")
+        # No job finishes until the gate opens, so every slot is filled by back-to-back claims.
+        await await_until(lambda: len(running) >= slots, what=f"{slots} jobs running")
         executing = await app.alist_jobs(states=["executing"], limit=1000)
         assert len(executing) == slots  # never past the queue's slots
         gate.set()
         for j in jobs:
             await wait_for_state(app, j.id or 0, JobState.COMPLETED)
 
-    assert asked[:3] == [MAX_FETCH, MAX_FETCH, 50]
-    assert max(asked) <= MAX_FETCH
-    # Each next claim went out before the batch before it was built into jobs.
-    assert steps[:6] == [
+    assert max(limit for step, limit in steps if step == "claim") <= MAX_FETCH
+    assert in_flight[1] == MAX_CLAIMS
+    # The next claims went out before the batch before them was built into jobs, and together
+    # they never asked for more than the slots left free.
+    assert steps[:8] == [
+        ("claim", MAX_FETCH),
         ("claim", MAX_FETCH),
         ("claim", MAX_FETCH),
         ("build", MAX_FETCH),
         ("claim", 50),
+        ("build", MAX_FETCH),
         ("build", MAX_FETCH),
         ("build", 50),
     ]

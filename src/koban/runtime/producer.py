@@ -3,13 +3,15 @@
 It claims up to its free slots in one fetch (at most `MAX_FETCH` rows), hands each job to the
 Executor, queues the outcome with the Acker, and fetches again when slots free up, when a
 notification says jobs arrived, or when its poll interval passes. While a full fetch leaves
-slots free, the next fetch goes out at once, before this batch's jobs are even built: the
-database claims the next batch while the node starts and runs this one.
+slots free, the next fetches go out at once (up to `MAX_CLAIMS` in flight), before this
+batch's jobs are even built: the database claims the next batches while the node starts and
+runs this one.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import uuid
 from collections.abc import Callable, Sequence
@@ -28,6 +30,10 @@ log = logging.getLogger("koban.producer")
 #: large queue keeps one fetch in flight while the last batch runs instead of claiming every
 #: slot in one statement and then leaving the database idle while it runs them.
 MAX_FETCH = 100
+
+#: The most claims one producer keeps in flight, each on a connection of its own. With slots
+#: free for them, the database claims the next batches while the node runs the last one.
+MAX_CLAIMS = 2
 
 
 class Producer:
@@ -106,18 +112,18 @@ class Producer:
     async def run(self) -> None:
         """Fetch and start jobs until `stop_fetching`; running jobs are left to finish.
 
-        At most one claim is in flight, and it never asks for more than the slots left free by
-        the jobs running: a queue never runs more jobs than its limit. A claim that returns
-        full while slots stay free sends the next claim before this batch's jobs are built
-        and started, so the database claims the next batch while the node handles this one.
+        Up to `MAX_CLAIMS` claims are in flight, and together they never ask for more than the
+        slots left free by the jobs running: a queue never runs more jobs than its limit. A
+        claim that returns full while slots stay free sends the next claims before this
+        batch's jobs are built and started, so the database claims the next batches while the
+        node handles this one. Claims are taken in the order they were sent.
         """
         delay = 0.1
-        claim: asyncio.Task[Sequence[Any]] | None = None  # the claim in flight
-        asked = 0
+        claims: collections.deque[tuple[asyncio.Task[Sequence[Any]], int]] = collections.deque()
         try:
-            while self._fetching or claim is not None:
+            while self._fetching or claims:
                 self._wake.clear()
-                if claim is None:
+                if not claims:
                     asked = 0 if self.paused else min(self.free, MAX_FETCH)
                     if not (asked and self._look):
                         if not await self._sleep(self.poll_interval()):
@@ -129,36 +135,47 @@ class Producer:
                         continue
                     # Consumed before the claim, so a wake-up arriving during it is not lost.
                     self._look = False
-                    claim = self._claim(asked)
+                    claims.append((self._claim(asked), asked))
+                claim, asked = claims[0]
                 try:
                     rows = await claim
                 except Exception as exc:
-                    claim = None
+                    claims.popleft()
                     self._log_failure(exc)
                     self._look = True
-                    if self._fetching:
+                    if self._fetching and not claims:
                         await self._sleep(delay)
                     delay = min(delay * 2, 5.0)
                     continue
-                claim = None
+                claims.popleft()
                 if self._failing:
                     log.info("queue %r on node %s is fetching again", self.queue, self.node)
                     self._failing = False
                 delay = 0.1
-                # A full batch means more may be waiting. With slots left free beside it, claim
-                # the next batch now, before building this one's jobs, and let the claim send
-                # its statement.
+                # A full batch means more may be waiting. With slots left free beside it and
+                # the claims still in flight, claim the next batches now, before building this
+                # one's jobs, and let the claims send their statements.
                 more = len(rows) == asked
-                left = self.free - len(rows)
-                if more and left > 0 and self._fetching and not self.paused:
-                    asked = min(left, MAX_FETCH)
-                    claim = self._claim(asked)
+                left = self.free - len(rows) - sum(n for _c, n in claims)
+                sent = False
+                while (
+                    more
+                    and left > 0
+                    and len(claims) < MAX_CLAIMS
+                    and self._fetching
+                    and not self.paused
+                ):
+                    n = min(left, MAX_FETCH)
+                    claims.append((self._claim(n), n))
+                    left -= n
+                    sent = True
+                if sent:
                     await asyncio.sleep(0)
                 for job in self.engine.claimed_jobs(rows):
                     self._start(job)
                 self._more = more
         finally:
-            if claim is not None:  # cancelled with a claim in flight
+            for claim, _n in claims:  # cancelled with claims in flight
                 claim.cancel()
 
     def _claim(self, limit: int) -> asyncio.Task[Sequence[Any]]:
