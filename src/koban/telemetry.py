@@ -52,6 +52,11 @@ class Telemetry:
 
         return unsubscribe
 
+    def listening(self, event: str) -> bool:
+        """True if emitting `event` would reach a subscriber: a hot path can skip building the
+        event's data when nobody listens."""
+        return bool(self._handlers.get(event) or self._handlers.get("*"))
+
     def emit(self, event: str, **data: Any) -> None:
         """Deliver an event. A failing subscriber is logged and never reaches the caller."""
         for handler in (*self._handlers.get(event, ()), *self._handlers.get("*", ())):

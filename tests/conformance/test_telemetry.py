@@ -94,6 +94,32 @@ async def test_unsubscribe_and_failing_subscribers(app: koban.Koban) -> None:
     assert seen == ["job:stop"]
 
 
+async def test_events_reach_subscribers_added_while_the_node_runs(app: koban.Koban) -> None:
+    """The node skips building an event nobody listens to; it asks again for every job."""
+    telemetry = app.telemetry
+    assert not telemetry.listening("job:stop")
+    stops: list[dict[str, Any]] = []
+
+    @app.worker
+    async def works(job: Job) -> None: ...
+
+    async with app:
+        unheard = await works.aenqueue()
+        await wait_for_state(app, unheard.id or 0, JobState.COMPLETED)
+        unsubscribe = telemetry.subscribe("job:stop", lambda e, d: stops.append(d))
+        assert telemetry.listening("job:stop") and not telemetry.listening("job:start")
+        heard = await works.aenqueue(scheduled_at=koban.Clock().now() - timedelta(minutes=5))
+        await wait_for_state(app, heard.id or 0, JobState.COMPLETED)
+        unsubscribe()
+        assert not telemetry.listening("job:stop")
+        everything = telemetry.subscribe("*", lambda e, d: None)
+        assert telemetry.listening("job:start") and telemetry.listening("job:stop")
+        everything()
+
+    assert [d["job"].id for d in stops] == [heard.id]
+    assert stops[0]["state"] == "completed" and stops[0]["queue_wait"] >= 300
+
+
 async def test_job_logger_writes_one_line_per_outcome(app: koban.Koban) -> None:
     logger, handler = private_logger()
     JobLogger(logger).attach(app.telemetry)
