@@ -1,7 +1,8 @@
 """What every system driver shares: the command line, the workloads' timing, the result line.
 
 A driver is a script run with its system's own interpreter (each peer lives in its own
-virtualenv), so this module uses the standard library only and works on Python 3.11+.
+virtualenv), so this module uses the standard library only (`CountPoll` imports psycopg when
+first used) and works on Python 3.11+.
 
 Protocol: `python <driver>.py WORKLOAD --dsn DSN [options]` prints, as its last line of
 output, one JSON object with the measurements. Workloads:
@@ -49,6 +50,31 @@ class System(Protocol):
         self, on_start: Callable[[dict[str, Any]], None], stop: asyncio.Event
     ) -> None:
         """Run one node until `stop` is set; call `on_start(args)` as each job starts."""
+
+
+class CountPoll:
+    """A count the harness polls while a run drains, on one connection kept open between polls
+    (a new connection per poll would add its set-up to the end of every timed run). For the
+    drivers whose environment has psycopg; it is imported on first use."""
+
+    def __init__(self, dsn: str, sql: str) -> None:
+        self.dsn = dsn
+        self.sql = sql
+        self._conn: Any = None
+
+    async def __call__(self) -> int:
+        if self._conn is None:
+            import psycopg
+
+            self._conn = await psycopg.AsyncConnection.connect(self.dsn, autocommit=True)
+        cur = await self._conn.execute(self.sql)
+        row = await cur.fetchone()
+        return int(row[0]) if row else 0
+
+    async def close(self) -> None:
+        if self._conn is not None:
+            await self._conn.close()
+            self._conn = None
 
 
 def percentile(values: Sequence[float], q: float) -> float:

@@ -45,6 +45,14 @@ class KobanSystem:
         self.slots = int(opts.get("slots", "100"))
         self.sync = opts.get("sync", "0") == "1"
         self.history = int(opts.get("history", "0"))
+        # Two counts, each matching an index's predicate: the listing indexes leave executing
+        # jobs out (migration 4) and koban_jobs_executing_idx holds them.
+        self._unfinished = common.CountPoll(
+            self.dsn,
+            "SELECT (SELECT count(*) FROM koban_jobs WHERE state IN "
+            "('available', 'scheduled', 'retryable')) + (SELECT count(*) FROM koban_jobs "
+            "WHERE state = 'executing')",
+        )
         self.app = koban.Koban(self.dsn, queues={"default": self.slots}, shutdown_grace=5.0)
         if self.sync:
 
@@ -100,16 +108,7 @@ class KobanSystem:
 
     async def unfinished(self) -> int:
         if not self.dsn.startswith("sqlite"):
-            async with await psycopg.AsyncConnection.connect(self.dsn, autocommit=True) as conn:
-                # Two counts, each matching an index's predicate: the listing indexes leave
-                # executing jobs out (migration 4) and koban_jobs_executing_idx holds them.
-                cur = await conn.execute(
-                    "SELECT (SELECT count(*) FROM koban_jobs WHERE state IN "
-                    "('available', 'scheduled', 'retryable')) + (SELECT count(*) FROM koban_jobs "
-                    "WHERE state = 'executing')"
-                )
-                row = await cur.fetchone()
-                return int(row[0]) if row else 0
+            return await self._unfinished()
         await self.app.open()
         counts = await self.app.engine.count_by_queue_and_state()
         return sum(
@@ -128,6 +127,7 @@ class KobanSystem:
             await self.app.stop()
 
     async def close(self) -> None:
+        await self._unfinished.close()
         await self.app.close()
 
 

@@ -39,6 +39,11 @@ class ObanSystem:
         opts = common.options(ns)
         self.dsn = ns.dsn
         self.limit = int(opts.get("limit", "100"))
+        self._unfinished = common.CountPoll(
+            self.dsn,
+            "SELECT count(*) FROM oban_jobs WHERE state IN "
+            "('available', 'scheduled', 'executing', 'retryable')",
+        )
         self._pool: Any = None
         self._client: Oban | None = None
 
@@ -71,13 +76,7 @@ class ObanSystem:
         await oban.enqueue(Noop.new(args))
 
     async def unfinished(self) -> int:
-        async with await psycopg.AsyncConnection.connect(self.dsn, autocommit=True) as conn:
-            cur = await conn.execute(
-                "SELECT count(*) FROM oban_jobs WHERE state IN "
-                "('available', 'scheduled', 'executing', 'retryable')"
-            )
-            row = await cur.fetchone()
-            return int(row[0]) if row else 0
+        return await self._unfinished()
 
     async def run_node(
         self, on_start: Callable[[dict[str, Any]], None], stop: asyncio.Event
@@ -92,6 +91,7 @@ class ObanSystem:
             await pool.close()
 
     async def close(self) -> None:
+        await self._unfinished.close()
         if self._pool is not None:
             await self._pool.close()
 

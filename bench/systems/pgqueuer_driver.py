@@ -1,7 +1,7 @@
 """pgqueuer under the benchmark (its own virtualenv).
 
 Configuration (see bench/README.md): asyncpg driver, one QueueManager with `batch_size`
-(default 100) jobs fetched per dequeue and no global concurrency cap, durable (logged) tables.
+(default 200) jobs fetched per dequeue and no global concurrency cap, durable (logged) tables.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ class PgqueuerSystem:
     def __init__(self, ns: argparse.Namespace) -> None:
         opts = common.options(ns)
         self.dsn = ns.dsn
-        self.batch_size = int(opts.get("batch_size", "100"))
+        self.batch_size = int(opts.get("batch_size", "200"))
         self._client: asyncpg.Connection | None = None
         self._queries: Queries | None = None
 

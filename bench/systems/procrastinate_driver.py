@@ -29,6 +29,9 @@ class ProcrastinateSystem:
         opts = common.options(ns)
         self.dsn = ns.dsn
         self.concurrency = int(opts.get("concurrency", "50"))
+        self._unfinished = common.CountPoll(
+            self.dsn, "SELECT count(*) FROM procrastinate_jobs WHERE status IN ('todo', 'doing')"
+        )
         self.app = procrastinate.App(
             connector=procrastinate.PsycopgConnector(
                 conninfo=self.dsn, min_size=2, max_size=self.concurrency + 4
@@ -76,12 +79,7 @@ class ProcrastinateSystem:
         await self.noop.defer_async(**args)
 
     async def unfinished(self) -> int:
-        async with await psycopg.AsyncConnection.connect(self.dsn, autocommit=True) as conn:
-            cur = await conn.execute(
-                "SELECT count(*) FROM procrastinate_jobs WHERE status IN ('todo', 'doing')"
-            )
-            row = await cur.fetchone()
-            return int(row[0]) if row else 0
+        return await self._unfinished()
 
     async def run_node(
         self, on_start: Callable[[dict[str, Any]], None], stop: asyncio.Event
@@ -108,6 +106,7 @@ class ProcrastinateSystem:
         await asyncio.gather(worker, return_exceptions=True)
 
     async def close(self) -> None:
+        await self._unfinished.close()
         if self._opened:
             await self.app.close_async()
 
