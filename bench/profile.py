@@ -50,7 +50,7 @@ from run import PEER_PACKAGES, ensure_database, ensure_env, log  # noqa: E402
 import koban  # noqa: E402
 
 #: The node's queue and slots, as the burn-down workload runs koban (run.py --slots).
-SLOTS = 600
+SLOTS = 900
 
 #: Buckets for the wall-time split, first match wins: (label, a frame's text contains any of).
 BUCKETS: list[tuple[str, tuple[str, ...]]] = [

@@ -305,8 +305,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--slots",
         type=int,
-        default=600,
-        help="koban's queue slots; the ceiling's batch is the most one koban fetch claims (200)",
+        default=900,
+        help="koban's queue slots; the ceiling's batch is the most one koban fetch claims (300)",
     )
     p.add_argument("--rate", type=float, default=100.0, help="steady-state inserts per second")
     p.add_argument(
