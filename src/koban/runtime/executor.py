@@ -301,16 +301,21 @@ class Executor:
         else:
             ack = Ack(job.id or 0, job.attempt, JobState.COMPLETED)
             outcome = "completed"
-        if self.telemetry.listening("job:stop"):
+        self._emit_end("job:stop", job, duration, outcome)
+        return ack
+
+    def _emit_end(self, event: str, job: Job, duration: float, state: str, **extra: Any) -> None:
+        """Report how an attempt ended, if anyone listens."""
+        if self.telemetry.listening(event):
             self.telemetry.emit(
-                "job:stop",
+                event,
                 job=job,
                 queue=job.queue,
                 queue_wait=_queue_wait(job),
                 duration=duration,
-                state=outcome,
+                state=state,
+                **extra,
             )
-        return ack
 
     @staticmethod
     def _reason(job: Job, kind: str, reason: str, now: datetime) -> dict[str, Any]:
@@ -342,13 +347,11 @@ class Executor:
                 error["backoff_error"] = f"{type(backoff_exc).__name__}: {backoff_exc}"
                 delay = _default_backoff(job)
             ack = Ack(job.id or 0, job.attempt, JobState.RETRYABLE, delay=delay, error=error)
-        self.telemetry.emit(
+        self._emit_end(
             "job:exception",
-            job=job,
-            queue=job.queue,
-            queue_wait=_queue_wait(job),
-            duration=duration,
-            state=str(ack.state),
+            job,
+            duration,
+            str(ack.state),
             error=f"{error['type']}: {error['message']}",
             traceback=tb,
         )
