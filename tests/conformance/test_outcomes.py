@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
+import sys
 import threading
 from collections.abc import Sequence
 from datetime import timedelta
@@ -419,6 +421,51 @@ async def test_jobs_claimed_while_the_node_stops_still_run(
     assert len(await app.alist_jobs(states=["completed"], limit=1000)) == 2 * MAX_FETCH
     assert await app.alist_jobs(states=["executing"]) == []
     assert len(await app.alist_jobs(states=["available"], limit=1000)) == 50
+
+
+async def test_each_job_runs_in_a_task_of_its_own_started_eagerly_on_python_3_12(
+    app: koban.Koban,
+) -> None:
+    """On Python 3.12 and newer a job's task starts eagerly, inside the producer's `_start`: a
+    job that never waits ends there and is never tracked as running; one that waits is tracked
+    until it ends. On 3.11 every job starts from the event loop. Either way each job has its
+    own task, named after it, and no finished job stays counted as running."""
+    eager = sys.version_info >= (3, 12)
+    seen: list[tuple[int, str, bool]] = []
+    gate = asyncio.Event()
+
+    def record(job: Job) -> None:
+        task = asyncio.current_task()
+        in_start = any(f.function == "_start" for f in inspect.stack())
+        seen.append((job.id or 0, task.get_name() if task else "", in_start))
+
+    @app.worker
+    async def quick(job: Job) -> None:
+        record(job)
+
+    @app.worker
+    async def waits(job: Job) -> None:
+        record(job)
+        await gate.wait()
+
+    async with app:
+        assert app.node is not None
+        producer = app.node.producers["default"]
+        waiting = await waits.aenqueue()
+        await await_until(lambda: len(seen) == 1)
+        assert list(producer.running) == [waiting.id]
+        done = [await quick.aenqueue() for _ in range(3)]
+        for job in done:
+            await wait_for_state(app, job.id or 0, JobState.COMPLETED)
+        assert list(producer.running) == [waiting.id]
+        gate.set()
+        await wait_for_state(app, waiting.id or 0, JobState.COMPLETED)
+        assert await producer.wait_idle(5)
+        assert producer.running == {}
+
+    assert sorted(seen) == sorted(
+        (job.id or 0, f"koban-job-{job.id}", eager) for job in [waiting, *done]
+    )
 
 
 async def test_scheduled_at_in_the_past_runs_at_once_and_future_waits(app: koban.Koban) -> None:
