@@ -468,6 +468,29 @@ async def test_each_job_runs_in_a_task_of_its_own_started_eagerly_on_python_3_12
     )
 
 
+async def test_a_full_claim_after_a_partial_one_claims_again_when_its_jobs_end(
+    apps: AppFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A claim that fills every free slot leaves none for a claim ahead; when its jobs end
+    (at once, where they start eagerly) the producer claims again without waiting for its poll
+    interval, even if the claim before it came back short."""
+    app = apps(queues={"default": 10})
+    monkeypatch.setattr(node_module, "HEALTHY_POLL", 3600.0)
+    monkeypatch.setattr(app.engine, "poll_interval", 3600.0)
+
+    @app.worker
+    async def noop(job: Job) -> None: ...
+
+    async with app:
+        first = await app.aenqueue_many(noop.new({"i": i}) for i in range(5))
+        for job in first:
+            await wait_for_state(app, job.id or 0, JobState.COMPLETED)
+        # The claim that ran these came back short: 5 of the 10 it asked for.
+        rest = await app.aenqueue_many(noop.new({"i": i}) for i in range(25))
+        for job in rest:
+            await wait_for_state(app, job.id or 0, JobState.COMPLETED)
+
+
 async def test_scheduled_at_in_the_past_runs_at_once_and_future_waits(app: koban.Koban) -> None:
     @app.worker
     async def noop(job: Job) -> None: ...

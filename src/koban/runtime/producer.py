@@ -186,9 +186,11 @@ class Producer:
                     sent = True
                 if sent:
                     await asyncio.sleep(0)
+                # Set before the jobs start: one that starts eagerly may end inside `_start`,
+                # and its end asks for the next claim only if this batch was full.
+                self._more = more
                 for job in self.engine.claimed_jobs(rows):
                     self._start(job)
-                self._more = more
         finally:
             for claim, _n in claims:  # cancelled with claims in flight
                 claim.cancel()
