@@ -954,3 +954,72 @@ async def test_a_claimed_job_holds_every_field_as_stored(pg_url: str) -> None:
         assert claimed.unique_key is not None and claimed.unique_key == stored.unique_key
     finally:
         await app.close()
+
+
+def test_column_rules_are_domains_so_a_claim_rechecks_only_what_it_writes(pg_url: str) -> None:
+    """PostgreSQL runs every table CHECK on every new row version, whichever columns changed;
+    a domain's check runs only where its column is written. Schema 5 keeps one table check,
+    the state's, which every claim and outcome sets anyway. A table check added on another
+    column would put its cost back on every claim and every outcome."""
+    checks = sql_rows(
+        pg_url,
+        "SELECT conname FROM pg_constraint WHERE conrelid = 'koban_jobs'::regclass "
+        "AND contype = 'c' ORDER BY conname",
+    )
+    assert checks == [("koban_jobs_state_check",)]
+    domains = dict(
+        sql_rows(
+            pg_url,
+            "SELECT a.attname, t.typname FROM pg_attribute AS a JOIN pg_type AS t "
+            "ON t.oid = a.atttypid WHERE a.attrelid = 'koban_jobs'::regclass "
+            "AND t.typtype = 'd'",
+        )
+    )
+    assert domains == {
+        "queue": "koban_queue_name",
+        "worker": "koban_worker_name",
+        "args": "koban_json_object",
+        "meta": "koban_json_object",
+        "priority": "koban_priority",
+        "attempt": "koban_attempt",
+        "max_attempts": "koban_max_attempts",
+    }
+
+
+async def test_schema_5_keeps_the_jobs_of_an_older_schema(fresh_pg_url: str) -> None:
+    """Upgrading a database at schema 4 rewrites the jobs table into the domain types: every job
+    stays as it was, and a node claims and completes them afterwards."""
+    app = make_app(fresh_pg_url, queues={"older": 10})
+    done: list[int] = []
+
+    @app.worker
+    async def old(job: Job) -> None:
+        done.append(job.args["n"])
+
+    name = app.resolve_worker(old).name
+    with psycopg.connect(fresh_pg_url, autocommit=True) as conn, conn.transaction():
+        conn.execute(
+            "CREATE TABLE koban_schema (version integer PRIMARY KEY, "
+            "applied_at timestamptz NOT NULL DEFAULT now())"
+        )
+        for version, _name, text in engine_module.MIGRATIONS[:4]:
+            conn.execute(text.encode())
+            conn.execute("INSERT INTO koban_schema (version) VALUES (%s)", (version,))
+        conn.execute(
+            "INSERT INTO koban_jobs (worker, queue, args, meta, priority, max_attempts) "
+            "SELECT %s, 'older', jsonb_build_object('n', n), '{\"m\": 1}', n %% 10, 3 "
+            "FROM generate_series(1, 50) AS n",
+            (name,),
+        )
+    before = sql_rows(fresh_pg_url, "SELECT * FROM koban_jobs ORDER BY id")
+    engine = PostgresEngine(fresh_pg_url)
+    try:
+        assert engine.migrate() == list(range(5, engine_module.LATEST_VERSION + 1))
+    finally:
+        engine.close_sync()
+    assert sql_rows(fresh_pg_url, "SELECT * FROM koban_jobs ORDER BY id") == before
+    async with app:
+        await await_until(lambda: len(done) == 50, what="the older jobs to run")
+        for row in before:
+            await wait_for_state(app, row[0], JobState.COMPLETED)
+    assert sorted(done) == list(range(1, 51))

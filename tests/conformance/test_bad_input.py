@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import datetime as dt
 import re
+import sqlite3
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 
 import koban
-from helpers import AppFactory, count_jobs, make_app
+from helpers import AppFactory, count_jobs, make_app, sql_rows
 from koban import Job, JobValidationError
 
 
@@ -102,6 +104,36 @@ def test_invalid_worker_options_are_refused_at_definition(app: koban.Koban) -> N
 
         @app.worker(timeout=-1)
         def bad_timeout(job: Job) -> None: ...
+
+
+#: A column and a value that breaks the database's rule for it.
+BROKEN_COLUMNS = [
+    ("queue", ""),
+    ("queue", "q" * 129),
+    ("worker", ""),
+    ("args", "[1, 2]"),
+    ("meta", '"text"'),
+    ("priority", 10),
+    ("attempt", -1),
+    ("max_attempts", 0),
+    ("state", "lost"),
+]
+
+
+@pytest.mark.parametrize(("column", "value"), BROKEN_COLUMNS)
+def test_the_database_holds_every_writer_to_the_rules(db_url: str, column: str, value: Any) -> None:
+    """Rows written around koban (raw SQL, another language's client) are held to the rules the
+    client checks, on insert and on an update that sets the column, and nothing is changed."""
+    [(job_id,)] = sql_rows(db_url, "INSERT INTO koban_jobs (worker) VALUES ('w.raw') RETURNING id")
+    values = {"worker": "w.raw", column: value}
+    refused = (psycopg.errors.CheckViolation, sqlite3.IntegrityError)
+    columns, marks = ", ".join(values), ", ".join(["%s"] * len(values))
+    with pytest.raises(refused):
+        sql_rows(db_url, f"INSERT INTO koban_jobs ({columns}) VALUES ({marks})", [*values.values()])
+    with pytest.raises(refused):
+        sql_rows(db_url, f"UPDATE koban_jobs SET {column} = %s WHERE id = %s", [value, job_id])
+    rows = sql_rows(db_url, "SELECT id, worker, queue, state, priority, attempt FROM koban_jobs")
+    assert rows == [(job_id, "w.raw", "default", "available", 0, 0)]
 
 
 async def test_not_migrated_database(fresh_db_url: str) -> None:
