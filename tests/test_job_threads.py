@@ -134,3 +134,45 @@ async def test_a_call_raising_stopiteration_fails_alone_and_strands_no_other_out
         threads.shutdown()
     assert isinstance(outcomes[3], RuntimeError) and "StopIteration" in str(outcomes[3])
     assert [o for i, o in enumerate(outcomes) if i != 3] == [0, 1, 2, 4, 5, 6, 7]
+
+
+async def test_calls_that_block_each_get_a_thread_when_they_arrive_in_a_burst() -> None:
+    """A burst wakes one idle thread; each thread that takes a call wakes the next while calls
+    are waiting. Calls that block must still all run at once: none may wait behind another."""
+    threads = JobThreads(max_workers=40)
+    together = threading.Barrier(30, timeout=10)
+
+    def meet(i: int) -> int:
+        together.wait()  # breaks (BrokenBarrierError) unless all 30 calls run at the same time
+        return i
+
+    try:
+        warm = await asyncio.gather(*(threads.run(lambda: None) for _ in range(100)))
+        assert warm == [None] * 100
+        outcomes = await asyncio.gather(*(threads.run(meet, i) for i in range(30)))
+        assert outcomes == list(range(30))
+        # Again, now that the threads that met are idle and woken from their sleep.
+        together.reset()
+        outcomes = await asyncio.gather(*(threads.run(meet, i) for i in range(30)))
+        assert outcomes == list(range(30))
+    finally:
+        threads.shutdown()
+    assert len(threads._threads) <= 40
+
+
+async def test_shutdown_runs_the_waiting_calls_and_every_thread_exits() -> None:
+    threads = JobThreads(max_workers=4)
+    release = threading.Event()
+    ran: list[int] = []
+
+    def work(i: int) -> None:
+        release.wait(10)
+        ran.append(i)
+
+    futures = [threads.run(work, i) for i in range(12)]
+    await asyncio.sleep(0)
+    release.set()
+    await asyncio.to_thread(threads.shutdown)
+    assert sorted(ran) == list(range(12))
+    assert all(not t.is_alive() for t in threads._threads)
+    await asyncio.gather(*futures)

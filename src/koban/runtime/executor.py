@@ -7,8 +7,8 @@ it. Nothing here writes to the database: the Acker records the outcome.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextvars
-import queue
 import threading
 import time
 import traceback
@@ -46,17 +46,28 @@ class JobThreads(PoolExecutor):
     off, and its row stays `executing` for rescue.
 
     `run` is the node's path: it hands a call to a thread and gives back an asyncio future.
-    Outcomes are handed back to the event loop in batches — a thread that finishes a job
-    while an earlier hand-back is still pending adds to it instead of waking the loop again —
-    so a burst of short sync jobs costs one loop wake-up per batch, not one per job.
+
+    At most one idle thread is being woken at a time. A call handed over while a woken thread
+    has not yet taken work waits for it; that thread, on taking a call, wakes the next one if
+    calls are still waiting. Calls that block get a thread each within a wake-up of one another,
+    while a burst of short calls is run by the few threads already awake instead of waking one
+    thread per call (each wake-up is a context switch, and a contest for the GIL with the event
+    loop). Idle threads are woken newest first, so the rest stay asleep.
+
+    Outcomes are handed back to the event loop in batches: a thread that finishes a call while
+    an earlier hand-back is still pending adds to it instead of waking the loop again.
     """
 
     def __init__(self, max_workers: int, thread_name_prefix: str = "koban-job") -> None:
         self._max_workers = max_workers
         self._prefix = thread_name_prefix
-        self._work: queue.SimpleQueue[_WorkItem | _LoopItem | None] = queue.SimpleQueue()
-        self._idle = threading.Semaphore(0)
         self._lock = threading.Lock()
+        # Under _lock: the calls no thread has taken yet, the idle threads' locks (each held
+        # while its thread sleeps on it; released to wake it), and whether a thread has been
+        # woken (or started) and not yet taken a call.
+        self._calls: collections.deque[_WorkItem | _LoopItem] = collections.deque()
+        self._parked: list[threading.Lock] = []
+        self._waking = False
         self._threads: list[threading.Thread] = []
         self._shutdown = False
         # Finished calls not yet handed back, per event loop; a loop is a key while a
@@ -83,21 +94,49 @@ class JobThreads(PoolExecutor):
         with self._lock:
             if self._shutdown:
                 raise RuntimeError("the node's job threads are shut down")
-            self._work.put(item)
-            if not self._idle.acquire(blocking=False) and len(self._threads) < self._max_workers:
-                thread = threading.Thread(
-                    target=self._run, name=f"{self._prefix}_{len(self._threads)}", daemon=True
-                )
-                thread.start()
-                self._threads.append(thread)
+            self._calls.append(item)
+            if not self._waking:
+                self._wake_one()
+
+    def _wake_one(self) -> None:
+        """Wake an idle thread, or start one while there are fewer than `max_workers`. With
+        every thread busy, the call waits for the first one to finish. Holds `_lock`."""
+        if self._parked:
+            self._parked.pop().release()
+        elif len(self._threads) < self._max_workers:
+            thread = threading.Thread(
+                target=self._run, name=f"{self._prefix}_{len(self._threads)}", daemon=True
+            )
+            thread.start()
+            self._threads.append(thread)
+        else:
+            return
+        self._waking = True
 
     def _run(self) -> None:
+        parked = threading.Lock()
+        parked.acquire()  # held while this thread works; released by whoever wakes it
+        woken = True  # a thread starts as the woken one
         while True:
-            item = self._work.get()
+            with self._lock:
+                if woken:
+                    self._waking = False
+                    woken = False
+                if self._calls:
+                    item: _WorkItem | _LoopItem | None = self._calls.popleft()
+                    if self._calls and not self._waking:
+                        self._wake_one()
+                elif self._shutdown:
+                    if self._parked:
+                        self._parked.pop().release()  # the next idle thread exits too
+                    return
+                else:
+                    self._parked.append(parked)
+                    item = None
             if item is None:
-                self._work.put(None)  # wake the next idle thread so it exits too
-                return
-            if len(item) == 3:
+                parked.acquire()  # sleep until `_wake_one` or shutdown releases it
+                woken = True
+            elif len(item) == 3:
                 self._call_for_loop(item)
             else:
                 future, fn, args, kwargs = item
@@ -108,7 +147,6 @@ class JobThreads(PoolExecutor):
                         future.set_exception(exc)
                 del future, fn, args, kwargs
             del item
-            self._idle.release()
 
     def _call_for_loop(self, item: _LoopItem) -> None:
         future, fn, args = item
@@ -157,14 +195,13 @@ class JobThreads(PoolExecutor):
         with self._lock:
             self._shutdown = True
             if cancel_futures:
-                while True:
-                    try:
-                        item = self._work.get_nowait()
-                    except queue.Empty:
-                        break
-                    if item is not None:
-                        item[0].cancel()
-            self._work.put(None)
+                while self._calls:
+                    self._calls.popleft()[0].cancel()
+            # Threads run the calls still waiting, then exit; an idle one is woken to exit,
+            # and wakes the next as it goes.
+            if self._parked and not self._waking:
+                self._parked.pop().release()
+                self._waking = True
         if wait:
             for thread in self._threads:
                 thread.join()
