@@ -176,3 +176,36 @@ async def test_shutdown_runs_the_waiting_calls_and_every_thread_exits() -> None:
     assert sorted(ran) == list(range(12))
     assert all(not t.is_alive() for t in threads._threads)
     await asyncio.gather(*futures)
+
+
+async def test_a_call_no_thread_can_be_started_for_is_refused_and_never_runs(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """When the system refuses a new thread, the caller gets the error and the call is not left
+    behind to run later; the threads already running go on."""
+    threads = JobThreads(max_workers=4)
+    started = threading.Event()
+    release = threading.Event()
+    ran: list[str] = []
+
+    def blocker() -> str:
+        started.set()
+        release.wait(10)
+        return "blocker"
+
+    def refuse(self: threading.Thread) -> None:
+        raise RuntimeError("can't start new thread")
+
+    try:
+        first = threads.run(blocker)
+        await asyncio.to_thread(started.wait, 10)  # its thread took it: none is being woken
+        with monkeypatch.context() as patched:
+            patched.setattr(threading.Thread, "start", refuse)
+            with pytest.raises(RuntimeError, match="can't start new thread"):
+                threads.run(ran.append, "refused")
+        release.set()
+        assert await first == "blocker"
+        assert await threads.run(lambda: "next") == "next"
+    finally:
+        threads.shutdown()
+    assert ran == []

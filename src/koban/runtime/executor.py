@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import contextvars
 import threading
 import time
@@ -96,7 +97,11 @@ class JobThreads(PoolExecutor):
                 raise RuntimeError("the node's job threads are shut down")
             self._calls.append(item)
             if not self._waking:
-                self._wake_one()
+                try:
+                    self._wake_one()
+                except RuntimeError:  # no thread could be started: the call is not taken
+                    self._calls.pop()
+                    raise
 
     def _wake_one(self) -> None:
         """Wake an idle thread, or start one while there are fewer than `max_workers`. With
@@ -125,7 +130,8 @@ class JobThreads(PoolExecutor):
                 if self._calls:
                     item: _WorkItem | _LoopItem | None = self._calls.popleft()
                     if self._calls and not self._waking:
-                        self._wake_one()
+                        with contextlib.suppress(RuntimeError):  # no thread could be started:
+                            self._wake_one()  # the busy threads take the waiting calls
                 elif self._shutdown:
                     if self._parked:
                         self._parked.pop().release()  # the next idle thread exits too
