@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sys
 import threading
 
 import pytest
@@ -207,5 +208,49 @@ async def test_a_call_no_thread_can_be_started_for_is_refused_and_never_runs(
         assert await first == "blocker"
         assert await threads.run(lambda: "next") == "next"
     finally:
+        threads.shutdown()
+    assert ran == []
+
+
+async def test_calls_waiting_when_no_next_thread_can_be_started_fail_instead_of_waiting(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A call handed over while a thread is being woken waits for that thread to wake the next.
+    If the next cannot be started, the waiting call fails with the reason at once: left queued
+    behind a blocking call, it would wait unseen while its timeout ran."""
+    threads = JobThreads(max_workers=4)
+    release = threading.Event()
+    ran: list[str] = []
+
+    def blocker() -> str:
+        release.wait(10)
+        return "blocker"
+
+    def refuse(self: threading.Thread) -> None:
+        raise RuntimeError("can't start new thread")
+
+    try:
+        assert await threads.run(lambda: "warm") == "warm"  # one thread, now idle
+        for _ in range(1000):  # until it is back asleep
+            if threads._parked:
+                break
+            await asyncio.sleep(0.01)
+        monkeypatch.setattr(threading.Thread, "start", refuse)
+        # No switch to the woken thread between the two calls: the second one is handed
+        # over while the first one's thread is still being woken, so it waits for it.
+        previous = sys.getswitchinterval()
+        sys.setswitchinterval(10)
+        try:
+            first = threads.run(blocker)
+            second = threads.run(ran.append, "waiting")
+        finally:
+            sys.setswitchinterval(previous)
+        with pytest.raises(RuntimeError, match="no thread could be started for this sync job"):
+            await asyncio.wait_for(second, 10)
+        release.set()
+        assert await first == "blocker"
+    finally:
+        release.set()
+        monkeypatch.undo()
         threads.shutdown()
     assert ran == []

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import contextvars
 import threading
 import time
@@ -127,11 +126,17 @@ class JobThreads(PoolExecutor):
                 if woken:
                     self._waking = False
                     woken = False
+                refused: list[_WorkItem | _LoopItem] = []
                 if self._calls:
                     item: _WorkItem | _LoopItem | None = self._calls.popleft()
                     if self._calls and not self._waking:
-                        with contextlib.suppress(RuntimeError):  # no thread could be started:
-                            self._wake_one()  # the busy threads take the waiting calls
+                        try:
+                            self._wake_one()
+                        except RuntimeError as exc:
+                            # No thread could be started for the calls still waiting, and
+                            # none would try again: they fail now rather than wait unseen.
+                            refused, failure = list(self._calls), exc
+                            self._calls.clear()
                 elif self._shutdown:
                     if self._parked:
                         self._parked.pop().release()  # the next idle thread exits too
@@ -139,6 +144,8 @@ class JobThreads(PoolExecutor):
                 else:
                     self._parked.append(parked)
                     item = None
+            for call in refused:
+                self._refuse(call, failure)
             if item is None:
                 parked.acquire()  # sleep until `_wake_one` or shutdown releases it
                 woken = True
@@ -154,6 +161,18 @@ class JobThreads(PoolExecutor):
                 del future, fn, args, kwargs
             del item
 
+    def _refuse(self, item: _WorkItem | _LoopItem, cause: RuntimeError) -> None:
+        """Fail a call no thread could be started for, as `_put` fails its caller."""
+        error = RuntimeError(
+            f"no thread could be started for this sync job ({cause}); "
+            f"the node's job threads number {len(self._threads)}"
+        )
+        error.__cause__ = cause
+        if len(item) == 3:
+            self._hand_back((item[0], False, error))
+        elif item[0].set_running_or_notify_cancel():
+            item[0].set_exception(error)
+
     def _call_for_loop(self, item: _LoopItem) -> None:
         future, fn, args = item
         if future.cancelled():  # abandoned before it started (read racily; harmless)
@@ -167,6 +186,12 @@ class JobThreads(PoolExecutor):
             done = (future, False, error)
         except BaseException as exc:
             done = (future, False, exc)
+        self._hand_back(done)
+
+    def _hand_back(self, done: _Done) -> None:
+        """Give a finished call's outcome to its future's loop, in a batch with any other
+        outcome still waiting for that loop."""
+        future = done[0]
         loop = future.get_loop()
         with self._done_lock:
             pending = self._done.get(loop)
@@ -194,8 +219,9 @@ class JobThreads(PoolExecutor):
                 else:
                     future.set_exception(value)
             except Exception as exc:  # never let one outcome strand the rest of the batch
-                failed = RuntimeError(f"the job's outcome could not be handed back: {exc}")
-                future.set_exception(failed)
+                if not future.done():
+                    failed = RuntimeError(f"the job's outcome could not be handed back: {exc}")
+                    future.set_exception(failed)
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         with self._lock:
