@@ -164,8 +164,9 @@ class JobThreads(PoolExecutor):
     def _refuse(self, item: _WorkItem | _LoopItem, cause: RuntimeError) -> None:
         """Fail a call no thread could be started for, as `_put` fails its caller."""
         error = RuntimeError(
-            f"no thread could be started for this sync job ({cause}); "
-            f"the node's job threads number {len(self._threads)}"
+            f"no thread could be started for this sync job ({cause}); the node runs "
+            f"{len(self._threads)} job threads: lower the slots of its sync queues or raise "
+            "the system's limit on threads (the job is retried)"
         )
         error.__cause__ = cause
         if len(item) == 3:
