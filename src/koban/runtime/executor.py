@@ -12,7 +12,7 @@ import contextvars
 import threading
 import time
 import traceback
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Executor as PoolExecutor
 from concurrent.futures import Future
 from datetime import datetime
@@ -126,7 +126,7 @@ class JobThreads(PoolExecutor):
                 if woken:
                     self._waking = False
                     woken = False
-                refused: list[_WorkItem | _LoopItem] = []
+                refused: Sequence[_WorkItem | _LoopItem] = ()  # no list built per call
                 if self._calls:
                     item: _WorkItem | _LoopItem | None = self._calls.popleft()
                     if self._calls and not self._waking:
